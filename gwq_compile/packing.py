@@ -1,0 +1,338 @@
+"""The GWQ packed weight format: the one source of truth.
+
+Every other piece (the tensor subclass, the reference op, the Triton kernels'
+references, serialization and the tests) calls these functions; nothing else
+knows how codes are laid out.
+
+A linear weight ``W`` of shape ``[N, K]`` (``out_features, in_features``) is stored as
+
+* ``packed_codes`` uint8 ``[N, packed_row_bytes(K, bits)]``: the b-bit integer codes,
+  split into *bit planes* whose widths are powers of two (8 -> [8], 4 -> [4],
+  3 -> [2, 1], 2 -> [2]).  Each plane is packed densely along K, little-endian inside a
+  byte: code ``k`` of a ``w``-bit plane sits in byte ``k // (8 // w)`` of that plane at bit
+  offset ``(k % (8 // w)) * w``.  Planes follow each other inside a row, lowest bits
+  first.  So 3-bit codes cost exactly 3 bits (plus at most one byte of row padding per
+  plane), and every plane is unpacked with one shift and one mask: cheap in a kernel.
+* ``group_scales`` fp16 ``[N, G]`` and ``group_zeros`` uint8 ``[N, G]`` with
+  ``G = ceil(K / group_size)``: the last group may be partial (K need not be a multiple of
+  the group size).  Dequantization is ``(code - zero) * scale``.
+* outliers in CSR: ``outlier_row_ptr`` int32 ``[N + 1]``, ``outlier_col_idx`` int16
+  (int32 when K > 32767) ``[nnz]`` sorted by column inside each row, ``outlier_values``
+  fp16 ``[nnz]``.  At an outlier position the stored code equals the group's zero point,
+  so the dense part dequantizes to exactly 0 there and ``W = dequant(codes) + scatter(outliers)``
+  holds without masking: kernels add the outliers' contribution, they never subtract.
+
+The grid always contains 0 (``min(w_min, 0)``, ``max(w_max, 0)`` as GPTQ does), which is
+what makes the zero-code trick above exact.  Outlier entries are left out of each
+group's min/max, so one large weight does not stretch the grid of its 63 neighbours.
+
+Example:
+    >>> import torch
+    >>> from gwq_compile import packing
+    >>> w = torch.randn(8, 100)
+    >>> mask = torch.zeros_like(w, dtype=torch.bool); mask[0, 3] = True
+    >>> p = packing.quantize_weight(w, mask, bits=3, group_size=32)
+    >>> packing.dequantize_weight(p).shape
+    torch.Size([8, 100])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPE = torch.float16
+OUTLIER_DTYPE = torch.float16
+# Smallest positive fp16 subnormal: scales are clamped to it so an all-tiny group never
+# gets a zero scale (which would turn every code into a division by zero).
+_MIN_SCALE = 2.0**-24
+
+
+class PackedWeight(NamedTuple):
+    """All tensors of one packed weight, in the field order used everywhere.
+
+    Shapes: packed_codes uint8 [N, row_bytes]; group_scales fp16 [N, G];
+    group_zeros uint8 [N, G]; outlier_row_ptr int32 [N+1]; outlier_col_idx int16/int32 [nnz];
+    outlier_values fp16 [nnz].  ``in_features`` is K, ``group_size`` the effective
+    (positive) group size.
+    """
+
+    packed_codes: torch.Tensor
+    group_scales: torch.Tensor
+    group_zeros: torch.Tensor
+    outlier_row_ptr: torch.Tensor
+    outlier_col_idx: torch.Tensor
+    outlier_values: torch.Tensor
+    bits: int
+    group_size: int
+    in_features: int
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def plane_widths(bits: int) -> tuple[int, ...]:
+    """Bit widths of the planes a ``bits``-bit code is split into (lowest bits first)."""
+    check_bits(bits)
+    return {8: (8,), 4: (4,), 3: (2, 1), 2: (2,)}[bits]
+
+
+def plane_row_bytes(in_features: int, width: int) -> int:
+    """Bytes one row of a ``width``-bit plane takes for ``in_features`` codes."""
+    return math.ceil(in_features * width / 8)
+
+
+def packed_row_bytes(in_features: int, bits: int) -> int:
+    """Bytes of ``packed_codes`` per output row."""
+    return sum(plane_row_bytes(in_features, w) for w in plane_widths(bits))
+
+
+def plane_offsets(in_features: int, bits: int) -> tuple[int, ...]:
+    """Byte offset of each plane inside a packed row."""
+    offsets, acc = [], 0
+    for w in plane_widths(bits):
+        offsets.append(acc)
+        acc += plane_row_bytes(in_features, w)
+    return tuple(offsets)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """``group_size`` with -1 (one group per output row) resolved to ``in_features``."""
+    if group_size == -1:
+        return in_features
+    if group_size <= 0:
+        raise ValueError(f"group_size must be > 0 or -1 (per output channel), got {group_size!r}")
+    return group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / effective_group_size(in_features, group_size))
+
+
+# ----------------------------------------------------------------------------- bit packing
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[N, K]`` (values < 2**bits) into ``[N, packed_row_bytes(K, bits)]``."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise TypeError(f"codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    planes, shift = [], 0
+    for width in plane_widths(bits):
+        per_byte = 8 // width
+        plane = (codes >> shift) & ((1 << width) - 1)
+        pad = (-k) % per_byte
+        if pad:
+            plane = torch.nn.functional.pad(plane, (0, pad))
+        plane = plane.view(n, -1, per_byte).to(torch.int32)
+        weights = torch.tensor([1 << (width * i) for i in range(per_byte)], dtype=torch.int32, device=codes.device)
+        planes.append((plane * weights).sum(-1).to(torch.uint8))
+        shift += width
+    return torch.cat(planes, dim=1).contiguous()
+
+
+def unpack_codes(packed_codes: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[N, row_bytes]`` -> uint8 codes ``[N, K]``."""
+    n, row_bytes = packed_codes.shape
+    if row_bytes != packed_row_bytes(in_features, bits):
+        raise ValueError(
+            f"packed_codes has {row_bytes} bytes per row, expected {packed_row_bytes(in_features, bits)} "
+            f"for in_features={in_features}, bits={bits}"
+        )
+    codes = torch.zeros(n, in_features, dtype=torch.uint8, device=packed_codes.device)
+    shift = 0
+    for width, offset in zip(plane_widths(bits), plane_offsets(in_features, bits)):
+        per_byte = 8 // width
+        nbytes = plane_row_bytes(in_features, width)
+        plane = packed_codes[:, offset : offset + nbytes]
+        shifts = torch.arange(per_byte, device=packed_codes.device, dtype=torch.uint8) * width
+        vals = (plane.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
+        codes |= vals.reshape(n, -1)[:, :in_features] << shift
+        shift += width
+    return codes
+
+
+# ----------------------------------------------------------------------------- group grid
+
+
+def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, G, group_size]``, zero-padding the last partial group."""
+    n, k = t.shape
+    pad = (-k) % group_size
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad))
+    return t.view(n, -1, group_size)
+
+
+def compute_group_qparams(
+    weight: torch.Tensor,
+    outlier_mask: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scales (fp16 ``[N, G]``) and integer zero points (uint8 ``[N, G]``).
+
+    Outliers are excluded from each group's range (they are replaced by 0, which is in
+    the range anyway).  The padding of a partial last group is 0 too, so it never widens
+    the range either.
+    """
+    check_bits(bits)
+    g = effective_group_size(weight.shape[1], group_size)
+    w = weight.float()
+    if outlier_mask is not None:
+        w = w.masked_fill(outlier_mask, 0.0)
+    wg = _grouped(w, g)
+    maxq = (1 << bits) - 1
+    wmin = wg.amin(-1).clamp(max=0.0)
+    wmax = wg.amax(-1).clamp(min=0.0)
+    if symmetric:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        scale = (2 * wmax / maxq).clamp(min=_MIN_SCALE)
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = ((wmax - wmin) / maxq).clamp(min=_MIN_SCALE)
+        scale = scale.to(SCALE_DTYPE).float()  # zero point from the scale actually stored
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
+
+
+def quantize_to_codes(
+    weight: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    outlier_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round ``weight`` onto the given grid: uint8 codes ``[N, K]``; outliers get the zero code."""
+    n, k = weight.shape
+    g = effective_group_size(k, group_size)
+    maxq = (1 << bits) - 1
+    wg = _grouped(weight.float(), g)
+    q = torch.round(wg / group_scales.float().unsqueeze(-1)) + group_zeros.float().unsqueeze(-1)
+    codes = q.clamp(0, maxq).to(torch.uint8).view(n, -1)[:, :k]
+    if outlier_mask is not None:
+        zero_codes = group_zeros.repeat_interleave(g, dim=1)[:, :k]
+        codes = torch.where(outlier_mask, zero_codes, codes)
+    return codes.contiguous()
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(code - zero) * scale`` per group: ``[N, K]`` in ``dtype`` (computed in fp32)."""
+    n, k = codes.shape
+    g = effective_group_size(k, group_size)
+    cg = _grouped(codes, g).float()
+    w = (cg - group_zeros.float().unsqueeze(-1)) * group_scales.float().unsqueeze(-1)
+    return w.view(n, -1)[:, :k].to(dtype)
+
+
+# ----------------------------------------------------------------------------- outliers (CSR)
+
+
+def outliers_to_csr(weight: torch.Tensor, outlier_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked entries of ``weight`` as CSR: (row_ptr int32, col_idx int16/int32, values fp16)."""
+    n, k = weight.shape
+    rows, cols = outlier_mask.nonzero(as_tuple=True)  # row-major order: sorted by (row, col)
+    counts = torch.bincount(rows, minlength=n)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int32, device=weight.device)
+    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    index_dtype = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+    values = weight[rows, cols]
+    if values.numel() and values.abs().max() > torch.finfo(OUTLIER_DTYPE).max:
+        raise ValueError("an outlier weight exceeds the fp16 range and cannot be stored as an fp16 outlier")
+    return row_ptr, cols.to(index_dtype), values.to(OUTLIER_DTYPE)
+
+
+def csr_rows(outlier_row_ptr: torch.Tensor) -> torch.Tensor:
+    """Row index of every CSR entry (int64 ``[nnz]``)."""
+    counts = outlier_row_ptr[1:].long() - outlier_row_ptr[:-1].long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=outlier_row_ptr.device), counts)
+
+
+def csr_to_dense(
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    shape: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    dense = torch.zeros(shape, dtype=dtype, device=outlier_values.device)
+    dense[csr_rows(outlier_row_ptr), outlier_col_idx.long()] = outlier_values.to(dtype)
+    return dense
+
+
+def csr_to_mask(outlier_row_ptr: torch.Tensor, outlier_col_idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool, device=outlier_col_idx.device)
+    mask[csr_rows(outlier_row_ptr), outlier_col_idx.long()] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- whole weight
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    outlier_mask: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    group_scales: torch.Tensor | None = None,
+    group_zeros: torch.Tensor | None = None,
+    codes: torch.Tensor | None = None,
+) -> PackedWeight:
+    """Quantize a dense ``[N, K]`` weight into the packed GWQ format.
+
+    ``group_scales``/``group_zeros``/``codes`` may be given by an algorithm that chose them
+    itself (GPTQ-style error compensation); otherwise they are round-to-nearest.
+    """
+    check_bits(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    g = effective_group_size(k, group_size)
+    if outlier_mask is None:
+        outlier_mask = torch.zeros(n, k, dtype=torch.bool, device=weight.device)
+    if group_scales is None or group_zeros is None:
+        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric)
+    if codes is None:
+        codes = quantize_to_codes(weight, group_scales, group_zeros, bits, g, outlier_mask)
+    else:
+        zero_codes = group_zeros.repeat_interleave(g, dim=1)[:, :k]
+        codes = torch.where(outlier_mask, zero_codes, codes.to(torch.uint8))
+    row_ptr, col_idx, values = outliers_to_csr(weight, outlier_mask)
+    return PackedWeight(
+        pack_codes(codes, bits), group_scales.contiguous(), group_zeros.contiguous(), row_ptr, col_idx, values, bits, g, k
+    )
+
+
+def dequantize_weight(packed: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[N, K]`` weight: dequantized codes plus the scattered fp16 outliers."""
+    codes = unpack_codes(packed.packed_codes, packed.bits, packed.in_features)
+    w = dequantize_codes(codes, packed.group_scales, packed.group_zeros, packed.group_size, torch.float32)
+    rows = csr_rows(packed.outlier_row_ptr)
+    w[rows, packed.outlier_col_idx.long()] += packed.outlier_values.float()
+    return w.to(dtype)
+
+
+def storage_bits(packed: PackedWeight) -> dict[str, int]:
+    """Bits actually stored, by component (what the report counts)."""
+    return {
+        "codes": packed.packed_codes.numel() * 8,
+        "scales": packed.group_scales.numel() * packed.group_scales.element_size() * 8,
+        "zeros": packed.group_zeros.numel() * 8,
+        "outlier_values": packed.outlier_values.numel() * packed.outlier_values.element_size() * 8,
+        "outlier_indices": packed.outlier_col_idx.numel() * packed.outlier_col_idx.element_size() * 8
+        + packed.outlier_row_ptr.numel() * 32,
+    }
