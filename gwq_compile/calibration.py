@@ -1,0 +1,224 @@
+"""Gradient calibration: accumulate per-weight saliency from backward passes.
+
+``prepare`` attaches a :class:`LayerCalibration` to each target weight.  A
+post-accumulate-grad hook folds every backward's gradient into the saliency sum and
+clears ``.grad`` right away, so gradients never pile up: only the fp32 saliency
+(one ``[N, K]`` tensor per layer) and one sample's activations are alive at a time.
+When the config needs it (``saliency="hessian"`` or ``compensation="gptq"``) a
+forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``.
+
+:func:`run_calibration` is the one-shot loop: it freezes every other parameter, runs
+forward + next-token loss + backward over each calibration batch, and restores the
+model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwards.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from gwq_compile.config import GWQConfig
+from gwq_compile.eval import logits_of, next_token_nll
+
+_STATE_ATTR = "_gwq_calibration"
+
+
+@dataclass
+class LayerCalibration:
+    """Calibration state of one weight (shared by every Linear that ties it)."""
+
+    name: str
+    saliency_kind: str
+    saliency_sum: torch.Tensor | None = None  # fp32 [N, K]
+    n_backward: int = 0
+    hessian: torch.Tensor | None = None  # fp32 [K, K]
+    n_tokens: int = 0
+    handles: list = field(default_factory=list)
+    saved_requires_grad: bool = False
+    saved_grad: torch.Tensor | None = None
+    quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
+
+    def remove_hooks(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def saliency_term(grad: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """One backward's contribution to the saliency sum (fp32)."""
+    g = grad.float()
+    if kind == "grad":
+        return g.abs()
+    if kind == "fisher":
+        return g.square()
+    if kind == "grad_weight":
+        return (g * weight.detach().float()).abs()
+    raise ValueError(f"saliency {kind!r} is not accumulated from gradients")
+
+
+def check_finite(t: torch.Tensor, what: str, name: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"layer {name!r}: {what} contains NaN or Inf")
+
+
+def layer_state(weight: torch.nn.Parameter) -> LayerCalibration | None:
+    return getattr(weight, _STATE_ATTR, None)
+
+
+def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> LayerCalibration:
+    """Start accumulating saliency for ``module.weight`` (idempotent for tied weights)."""
+    weight = module.weight
+    state = layer_state(weight)
+    if state is not None:  # a tied weight already prepared through another module
+        return state
+    check_finite(weight.detach(), "the weight", name)
+    state = LayerCalibration(name=name, saliency_kind=config.saliency)
+    state.saved_requires_grad, state.saved_grad = weight.requires_grad, weight.grad
+    weight.grad = None
+
+    if config.needs_gradients:
+
+        def _accumulate(param: torch.Tensor) -> None:
+            grad = param.grad
+            param.grad = None  # fold into the saliency now; never keep a second copy
+            check_finite(grad, "the gradient", state.name)
+            term = saliency_term(grad, param, state.saliency_kind)
+            state.saliency_sum = term if state.saliency_sum is None else state.saliency_sum.add_(term)
+            state.n_backward += 1
+
+        weight.requires_grad_(True)
+        state.handles.append(weight.register_post_accumulate_grad_hook(_accumulate))
+
+    if config.needs_hessian:
+
+        def _hessian(mod: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            state.hessian = x.T @ x if state.hessian is None else state.hessian.addmm_(x.T, x)
+            state.n_tokens += x.shape[0]
+
+        state.handles.append(module.register_forward_pre_hook(_hessian))
+
+    setattr(weight, _STATE_ATTR, state)
+    return state
+
+
+def release_weight(weight: torch.nn.Parameter) -> LayerCalibration | None:
+    """Remove hooks and state from ``weight`` and restore its flag and ``.grad``."""
+    state = layer_state(weight)
+    if state is None:
+        return None
+    state.remove_hooks()
+    delattr(weight, _STATE_ATTR)
+    weight.requires_grad_(state.saved_requires_grad)
+    weight.grad = state.saved_grad
+    return state
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+def iter_batches(calibration_data: Any) -> Iterator[Any]:
+    """Yield calibration batches: ``[batch, seq]`` token tensors (a 1-D tensor is one sample,
+    a 2-D tensor is split into its rows so only one sample's activations live at a time) or
+    dicts of model keyword arguments holding ``input_ids``."""
+    if calibration_data is None:
+        raise ValueError("calibration_data is required for one-shot GWQ (or use step='prepare'/'convert')")
+    if isinstance(calibration_data, torch.Tensor):
+        data = calibration_data
+        if data.dim() == 1:
+            data = data.unsqueeze(0)
+        if data.dim() != 2 or data.numel() == 0:
+            raise ValueError(f"calibration data must be a non-empty [batch, seq] token tensor, got shape {tuple(calibration_data.shape)}")
+        if data.is_floating_point():
+            raise TypeError(f"calibration token ids must be integers, got {data.dtype}")
+        yield from (row.unsqueeze(0) for row in data)
+        return
+    if isinstance(calibration_data, collections.abc.Mapping):
+        yield calibration_data
+        return
+    if not isinstance(calibration_data, Iterable):
+        raise TypeError(f"calibration_data must be a token tensor, a dict of inputs or an iterable of them, got {type(calibration_data).__name__}")
+    for batch in calibration_data:
+        if isinstance(batch, torch.Tensor):
+            yield from iter_batches(batch)
+        else:
+            yield batch
+
+
+def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(batch, collections.abc.Mapping):
+        if "input_ids" not in batch:
+            raise ValueError("a dict calibration batch needs an 'input_ids' entry for the next-token loss")
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        ids = inputs["input_ids"]
+        output = model(**inputs)
+    else:
+        ids = batch.to(device)
+        output = model(ids)
+    if ids.shape[-1] < 2:
+        raise ValueError("calibration samples need at least 2 tokens for a next-token loss")
+    return next_token_nll(logits_of(output), ids)
+
+
+@dataclass
+class _ModelSnapshot:
+    requires_grad: dict[int, bool]
+    grads: dict[int, torch.Tensor | None]
+    training: dict[int, bool]
+
+
+def snapshot_and_freeze(model: torch.nn.Module) -> _ModelSnapshot:
+    """Remember flags/grads/modes, then freeze all parameters and switch to eval."""
+    params = {id(p): p for p in model.parameters()}
+    snap = _ModelSnapshot(
+        requires_grad={k: p.requires_grad for k, p in params.items()},
+        grads={k: p.grad for k, p in params.items()},
+        training={id(m): m.training for m in model.modules()},
+    )
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(False)
+    model.eval()
+    return snap
+
+
+def restore(model: torch.nn.Module, snap: _ModelSnapshot) -> None:
+    """Undo :func:`snapshot_and_freeze` for every parameter still in the model."""
+    for p in model.parameters():
+        if id(p) in snap.requires_grad and p.is_floating_point() and not _is_quantized(p):
+            p.requires_grad_(snap.requires_grad[id(p)])
+            p.grad = snap.grads[id(p)]
+    for m in model.modules():
+        if id(m) in snap.training:
+            m.train(snap.training[id(m)])
+
+
+def _is_quantized(p: torch.Tensor) -> bool:
+    from gwq_compile.tensor import GWQTensor
+
+    return isinstance(p, GWQTensor)
+
+
+def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True) -> int:
+    """Forward + next-token loss (+ backward) over every batch; returns the number of batches.
+
+    The hooks installed by :func:`prepare_weight` do the accumulation.  ``backward=False``
+    serves saliencies that need only the forward Hessian.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    n = 0
+    with torch.set_grad_enabled(backward):
+        for batch in tqdm(iter_batches(calibration_data), desc="GWQ calibration", disable=not progress, unit="sample"):
+            loss = _batch_loss(model, batch, device)
+            if not torch.isfinite(loss):
+                raise ValueError(f"calibration loss is {loss.item()} on batch {n}: check the model and the calibration data")
+            if backward:
+                loss.backward()
+            n += 1
+    if n == 0:
+        raise ValueError("calibration data is empty: give at least one sample of token ids")
+    return n

@@ -1,0 +1,126 @@
+"""``GWQConfig``: the validated description of one GWQ quantization.
+
+It is a torchao ``AOBaseConfig``, so ``torchao.quantization.quantize_(model, GWQConfig(...))``
+dispatches to the handler registered in :mod:`gwq_compile.quantize`.
+
+Example:
+    >>> from gwq_compile import GWQConfig
+    >>> GWQConfig(bits=3, group_size=64, outlier_ratio=0.01).bits
+    3
+    >>> GWQConfig(bits=5)
+    Traceback (most recent call last):
+    ...
+    ValueError: GWQConfig.bits must be one of (2, 3, 4, 8), got 5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torchao.core.config import AOBaseConfig
+
+from gwq_compile.packing import SUPPORTED_BITS
+
+SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "hessian")
+SCOPE_CHOICES = ("layer", "row")
+COMPENSATION_CHOICES = ("none", "gptq")
+STEP_CHOICES = (None, "prepare", "convert")
+MAX_OUTLIER_RATIO = 0.5
+
+
+@dataclass
+class GWQConfig(AOBaseConfig):
+    """GWQ: keep the most gradient-sensitive weights in fp16, quantize the rest group-wise.
+
+    Attributes:
+        bits: code width of the non-outlier weights, one of 2, 3, 4, 8.
+        group_size: weights per (scale, zero) group along the input dimension; -1 means
+            one group per output channel.  ``in_features`` need not be a multiple.
+        outlier_ratio: fraction of each layer's weights kept as fp16 outliers, in [0, 0.5].
+        saliency: how weights are scored from the calibration backward passes:
+            ``"grad"`` sum over samples of |dL/dW| (the paper's, one sample);
+            ``"fisher"`` sum of (dL/dW)^2 (empirical Fisher diagonal);
+            ``"grad_weight"`` sum of |dL/dW * W| (first-order Taylor change of the loss);
+            ``"hessian"`` SpQR/OBS-style w^2 / [H^-1]_jj^2 from the layer-input Hessian
+            (no gradient used; the baseline the paper argues gradients beat).
+        outlier_scope: ``"layer"`` takes the top ``outlier_ratio`` of each layer;
+            ``"row"`` takes ``round(outlier_ratio * in_features)`` per output row (equal
+            counts per row, which kernels like).
+        symmetric: symmetric grid (zero point fixed at the middle code) instead of asymmetric.
+        compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
+            (uses the layer-input Hessian from the same calibration passes) instead of
+            round-to-nearest.  Goes beyond the paper.
+        damp: relative diagonal dampening of the Hessian for ``"hessian"``/``"gptq"``.
+        skip_modules: fnmatch patterns of module names never quantized.
+        skip_output_embeddings: also skip ``model.get_output_embeddings()`` whatever its name.
+        step: ``None`` (one shot: needs ``calibration_data``), ``"prepare"`` (start
+            accumulating gradient saliency) or ``"convert"`` (quantize from what was accumulated).
+        progress: show tqdm progress bars.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    outlier_ratio: float = 0.01
+    saliency: str = "grad"
+    outlier_scope: str = "layer"
+    symmetric: bool = False
+    compensation: str = "none"
+    damp: float = 0.01
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    skip_output_embeddings: bool = True
+    step: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GWQConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+            raise ValueError(f"GWQConfig.group_size must be a positive int or -1 (per output channel), got {self.group_size!r}")
+        if isinstance(self.outlier_ratio, bool) or not isinstance(self.outlier_ratio, (int, float)) or not 0.0 <= self.outlier_ratio <= MAX_OUTLIER_RATIO:
+            raise ValueError(f"GWQConfig.outlier_ratio must be in [0, {MAX_OUTLIER_RATIO}], got {self.outlier_ratio!r}")
+        self._check_choice("saliency", SALIENCY_CHOICES)
+        self._check_choice("outlier_scope", SCOPE_CHOICES)
+        self._check_choice("compensation", COMPENSATION_CHOICES)
+        self._check_choice("step", STEP_CHOICES)
+        if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
+            raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
+        if isinstance(self.skip_modules, str):
+            raise TypeError("GWQConfig.skip_modules must be a sequence of name patterns, not a single string")
+        self.skip_modules = tuple(self.skip_modules)
+
+    def _check_choice(self, name: str, choices: tuple) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"GWQConfig.{name} must be one of {choices}, got {value!r}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.saliency != "hessian"
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.saliency == "hessian" or self.compensation == "gptq"
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON-able values (what checkpoints record)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["skip_modules"] = list(self.skip_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GWQConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown GWQConfig fields {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "GWQConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> list[str]:
+    """Names of all GWQConfig fields (used to validate option dicts)."""
+    return [f.name for f in dataclasses.fields(GWQConfig)]

@@ -1,0 +1,264 @@
+"""``quantize_``: GWQ on every eligible ``nn.Linear`` of a model.
+
+Three stages, each a small function: choose the target layers (:func:`target_linears`),
+calibrate (:mod:`gwq_compile.calibration`), convert each layer (:func:`convert_linear`:
+saliency -> outlier mask -> packed weight -> parameter swap).  The torchao handler
+registered for :class:`GWQConfig` only runs prepare or convert on one module, so
+``torchao.quantization.quantize_(model, GWQConfig(step=...))`` works as well.
+
+Example:
+    >>> import torch
+    >>> from gwq_compile import GWQConfig, quantize_
+    >>> lin = torch.nn.Linear(64, 32)
+    >>> quantize_(lin, GWQConfig(step="prepare"))
+    >>> lin(torch.randn(4, 64)).square().mean().backward()
+    >>> quantize_(lin, GWQConfig(step="convert", bits=4, group_size=32, progress=False))
+    >>> type(lin.weight).__name__
+    'GWQTensor'
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Any, Callable
+
+import torch
+from torchao.quantization.transform_module import register_quantize_module_handler
+from tqdm.auto import tqdm
+
+from gwq_compile import calibration, packing
+from gwq_compile.config import GWQConfig
+from gwq_compile.tensor import GWQTensor
+
+_NAME_ATTR = "_gwq_name"
+
+
+# ----------------------------------------------------------------------------- outlier selection
+
+
+def select_outliers(saliency: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+    """Bool mask of the most salient weights: ``round(ratio * numel)`` per layer, or
+    ``round(ratio * in_features)`` per row when ``scope == "row"``."""
+    n, k = saliency.shape
+    mask = torch.zeros(n, k, dtype=torch.bool, device=saliency.device)
+    if scope == "row":
+        per_row = round(ratio * k)
+        if per_row:
+            mask.scatter_(1, saliency.topk(per_row, dim=1).indices, True)
+        return mask
+    count = round(ratio * n * k)
+    if count:
+        mask.view(-1)[saliency.reshape(-1).topk(count).indices] = True
+    return mask
+
+
+def layer_saliency(weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig) -> torch.Tensor:
+    if config.saliency == "hessian":
+        from gwq_compile.gptq import hessian_saliency
+
+        return hessian_saliency(weight.detach().float(), state.hessian, damp=config.damp)
+    return state.saliency_sum
+
+
+def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GWQConfig, hessian: torch.Tensor | None) -> GWQTensor:
+    """Pack one dense weight with the given outliers: RTN, or GPTQ-compensated non-outliers."""
+    w = weight.detach()
+    if config.compensation == "gptq":
+        from gwq_compile.gptq import gptq_quantize_weight
+
+        packed = gptq_quantize_weight(
+            w.float(), hessian, config.bits, config.group_size, outlier_mask=outlier_mask, symmetric=config.symmetric, damp=config.damp
+        )
+    else:
+        packed = packing.quantize_weight(w, outlier_mask, config.bits, config.group_size, config.symmetric)
+    return GWQTensor.from_packed(packed, w.dtype)
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def _name(module: torch.nn.Module) -> str:
+    return getattr(module, _NAME_ATTR, None) or f"Linear({module.in_features}->{module.out_features})"
+
+
+def prepare_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
+    _check_linear(module)
+    calibration.prepare_weight(module, _name(module), config)
+    return module
+
+
+def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
+    """Swap ``module.weight`` for its GWQ-quantized parameter (prepare must have run)."""
+    _check_linear(module)
+    weight = module.weight
+    if isinstance(weight, GWQTensor):
+        return module  # already converted (a tied weight converted through another module)
+    state = calibration.layer_state(weight)
+    if state is None:
+        raise ValueError(f"layer {_name(module)!r}: convert without prepare; run quantize_(model, GWQConfig(step='prepare')) and a backward pass first")
+    if state.quantized is None:
+        missing_grad = config.needs_gradients and state.n_backward == 0
+        missing_hessian = config.needs_hessian and state.hessian is None
+        if missing_grad or missing_hessian:
+            calibration.release_weight(weight)
+            what = "gradient" if missing_grad else "forward input (Hessian)"
+            warnings.warn(f"layer {state.name!r} received no {what} during calibration; it stays unquantized", stacklevel=3)
+            return module
+        saliency = layer_saliency(weight, state, config)
+        calibration.check_finite(saliency, "the saliency", state.name)
+        mask = select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
+        try:
+            qweight = quantize_weight(weight, mask, config, state.hessian)
+        except ValueError as err:
+            raise ValueError(f"layer {state.name!r}: {err}") from err
+        state.quantized = torch.nn.Parameter(qweight, requires_grad=False)
+        calibration.release_weight(weight)
+        setattr(weight, calibration._STATE_ATTR, state)  # keep the result reachable for tied modules
+    module.weight = state.quantized
+    return module
+
+
+def _check_linear(module: torch.nn.Module) -> None:
+    if not isinstance(module, torch.nn.Linear):
+        raise TypeError(f"GWQ quantizes nn.Linear modules, got {type(module).__name__}")
+
+
+@register_quantize_module_handler(GWQConfig)
+def _gwq_module_handler(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
+    """torchao handler: one module, one step; it only prepares or swaps the weight."""
+    if config.step == "prepare":
+        return prepare_linear(module, config)
+    if config.step == "convert":
+        return convert_linear(module, config)
+    raise ValueError(
+        "GWQConfig(step=None) needs calibration data: call gwq_compile.quantize_(model, config, calibration_data=...) "
+        "or use step='prepare', a backward pass, then step='convert'"
+    )
+
+
+# ----------------------------------------------------------------------------- choosing layers
+
+
+def _tied_to_other_modules(model: torch.nn.Module) -> dict[int, str]:
+    """id(param) -> name of a non-Linear module using it (e.g. an embedding tied to lm_head)."""
+    owners = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            owners[id(p)] = f"{mname}.{pname}" if mname else pname
+    return owners
+
+
+def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Linear]]:
+    """The ``(name, module)`` pairs GWQ will quantize, after the skip rules."""
+    output_embeddings = None
+    if config.skip_output_embeddings and hasattr(model, "get_output_embeddings"):
+        output_embeddings = model.get_output_embeddings()
+    tied = _tied_to_other_modules(model)
+    targets = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or isinstance(mod.weight, GWQTensor):
+            continue
+        if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
+            continue
+        if id(mod.weight) in tied:
+            warnings.warn(f"layer {name!r} shares its weight with {tied[id(mod.weight)]!r}; it is not quantized (tied weights are never untied)", stacklevel=3)
+            continue
+        targets.append((name or _name(mod), mod))
+    return targets
+
+
+def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.Module, str], bool]:
+    """A ``filter_fn`` for ``torchao.quantization.quantize_`` applying GWQ's skip rules.
+
+    Example:
+        >>> import torchao                                                          # doctest: +SKIP
+        >>> torchao.quantization.quantize_(model, cfg, filter_fn=gwq_filter(model, cfg))  # doctest: +SKIP
+    """
+    chosen = {id(m): name for name, m in target_linears(model, config)}
+
+    def _filter(module: torch.nn.Module, fqn: str) -> bool:
+        if id(module) in chosen:
+            setattr(module, _NAME_ATTR, chosen[id(module)])
+            return True
+        return False
+
+    return _filter
+
+
+# ----------------------------------------------------------------------------- public entry point
+
+
+def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any = None) -> None:
+    """Quantize ``model``'s eligible ``nn.Linear`` layers with GWQ, in place.
+
+    * ``step=None``: one shot.  Runs the next-token loss over ``calibration_data`` (a
+      ``[batch, seq]`` LongTensor, one row is enough, or an iterable of them, or dicts of
+      model inputs with ``input_ids``), then converts.
+    * ``step="prepare"``: start accumulating saliency; back-propagate any loss you like.
+    * ``step="convert"``: quantize from what was accumulated and restore the model's flags.
+
+    The model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode are restored.
+    """
+    if not isinstance(config, GWQConfig):
+        raise TypeError(f"config must be a GWQConfig, got {type(config).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if config.step == "convert":
+        _convert_model(model, config)
+        return
+    targets = target_linears(model, config)
+    if not targets:
+        warnings.warn("GWQ found no nn.Linear layers to quantize; the model is unchanged", stacklevel=2)
+        return
+    if config.step is None and calibration_data is None:
+        raise ValueError("one-shot GWQ needs calibration_data (token ids); or use step='prepare' then step='convert'")
+    snapshot = calibration.snapshot_and_freeze(model)
+    try:
+        for name, mod in targets:
+            setattr(mod, _NAME_ATTR, name)
+            prepare_linear(mod, config)
+        if config.step == "prepare":
+            model._gwq_snapshot = snapshot  # restored by convert
+            return
+        calibration.run_calibration(model, calibration_data, backward=config.needs_gradients, progress=config.progress)
+        _convert_targets(model, targets, config)
+    except BaseException:
+        for _, mod in targets:
+            calibration.release_weight(mod.weight)
+        raise
+    finally:
+        if config.step is None:
+            calibration.restore(model, snapshot)
+
+
+def _convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], config: GWQConfig) -> None:
+    prepared = [(n, m) for n, m in targets if isinstance(m.weight, GWQTensor) or calibration.layer_state(m.weight) is not None]
+    if not prepared:
+        raise ValueError("convert without prepare: no layer holds GWQ calibration state; run step='prepare' and a backward pass first")
+    if config.needs_gradients and all(
+        isinstance(m.weight, GWQTensor) or calibration.layer_state(m.weight).n_backward == 0 for _, m in prepared
+    ):
+        for _, m in prepared:
+            calibration.release_weight(m.weight)
+        raise ValueError("no layer received a gradient between prepare and convert: call loss.backward() on a loss of the model's output")
+    for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
+        convert_linear(mod, config)
+    for _, mod in prepared:  # drop the tied-weight bookkeeping left on old parameters
+        mod.__dict__.pop(_NAME_ATTR, None)
+    model._gwq_config = config.replace(step=None)
+
+
+def _convert_model(model: torch.nn.Module, config: GWQConfig) -> None:
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not targets:
+        warnings.warn("GWQ found no nn.Linear layers to quantize; the model is unchanged", stacklevel=3)
+        return
+    snapshot = model.__dict__.pop("_gwq_snapshot", None)
+    try:
+        _convert_targets(model, targets, config)
+    finally:
+        if snapshot is not None:
+            calibration.restore(model, snapshot)
