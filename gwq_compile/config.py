@@ -49,6 +49,9 @@ class GWQConfig(AOBaseConfig):
             ``"row"`` takes ``round(outlier_ratio * in_features)`` per output row (equal
             counts per row, which kernels like).
         symmetric: symmetric grid (zero point fixed at the middle code) instead of asymmetric.
+        clip_search: shrink each group's range by the factor that minimises its squared
+            rounding error (an MSE grid search, as GPTQ and llama.cpp do) instead of plain
+            min/max.  Rounding stays round-to-nearest.
         compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
             (uses the layer-input Hessian from the same calibration passes) instead of
             round-to-nearest.  Goes beyond the paper.
@@ -66,6 +69,7 @@ class GWQConfig(AOBaseConfig):
     saliency: str = "grad"
     outlier_scope: str = "layer"
     symmetric: bool = False
+    clip_search: bool = True
     compensation: str = "none"
     damp: float = 0.01
     skip_modules: tuple[str, ...] = ("lm_head",)

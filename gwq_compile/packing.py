@@ -169,18 +169,38 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
     return t.view(n, -1, group_size)
 
 
+#: Shrink factors tried by the MSE grid search (1.0 = plain min/max).
+CLIP_SEARCH_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 ... 0.7
+
+
+def _grid_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scale and (integer-valued) zero point of the grid spanning [wmin, wmax] (0 included)."""
+    maxq = (1 << bits) - 1
+    if symmetric:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        scale = (2 * wmax / maxq).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = ((wmax - wmin) / maxq).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()  # zero from the stored scale
+        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
 def compute_group_qparams(
     weight: torch.Tensor,
     outlier_mask: torch.Tensor | None,
     bits: int,
     group_size: int,
     symmetric: bool = False,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales (fp16 ``[N, G]``) and integer zero points (uint8 ``[N, G]``).
 
     Outliers are excluded from each group's range (they are replaced by 0, which is in
     the range anyway).  The padding of a partial last group is 0 too, so it never widens
-    the range either.
+    the range either.  With ``clip_search`` the range is shrunk by the factor in
+    :data:`CLIP_SEARCH_RATIOS` that minimises the group's squared rounding error (the
+    MSE grid search of GPTQ/llama.cpp); the rounding itself stays round-to-nearest.
     """
     check_bits(bits)
     g = effective_group_size(weight.shape[1], group_size)
@@ -191,14 +211,19 @@ def compute_group_qparams(
     maxq = (1 << bits) - 1
     wmin = wg.amin(-1).clamp(max=0.0)
     wmax = wg.amax(-1).clamp(min=0.0)
-    if symmetric:
-        wmax = torch.maximum(wmin.abs(), wmax)
-        scale = (2 * wmax / maxq).clamp(min=_MIN_SCALE)
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        scale = ((wmax - wmin) / maxq).clamp(min=_MIN_SCALE)
-        scale = scale.to(SCALE_DTYPE).float()  # zero point from the scale actually stored
-        zero = torch.round(-wmin / scale).clamp(0, maxq)
+    scale, zero = _grid_from_range(wmin, wmax, bits, symmetric)
+    if clip_search:
+        best_err = None
+        for ratio in CLIP_SEARCH_RATIOS:
+            s, z = _grid_from_range(wmin * ratio, wmax * ratio, bits, symmetric)
+            q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
+            err = ((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - wg).square().sum(-1)  # outliers/padding are 0 -> exact
+            if best_err is None:
+                best_err, scale, zero = err, s, z
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
 
 
@@ -288,6 +313,7 @@ def quantize_weight(
     bits: int,
     group_size: int,
     symmetric: bool = False,
+    clip_search: bool = False,
     group_scales: torch.Tensor | None = None,
     group_zeros: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
@@ -305,7 +331,7 @@ def quantize_weight(
     if outlier_mask is None:
         outlier_mask = torch.zeros(n, k, dtype=torch.bool, device=weight.device)
     if group_scales is None or group_zeros is None:
-        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric)
+        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric, clip_search)
     if codes is None:
         codes = quantize_to_codes(weight, group_scales, group_zeros, bits, g, outlier_mask)
     else:

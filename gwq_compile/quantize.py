@@ -71,7 +71,7 @@ def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GW
             w.float(), hessian, config.bits, config.group_size, outlier_mask=outlier_mask, symmetric=config.symmetric, damp=config.damp
         )
     else:
-        packed = packing.quantize_weight(w, outlier_mask, config.bits, config.group_size, config.symmetric)
+        packed = packing.quantize_weight(w, outlier_mask, config.bits, config.group_size, config.symmetric, config.clip_search)
     return GWQTensor.from_packed(packed, w.dtype)
 
 

@@ -1,0 +1,268 @@
+"""quantize_ / GWQConfig on tiny random Llamas: calibration, selection, restore, errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchao
+
+from gwq_compile import GWQConfig, GWQTensor, gwq_filter, quantization_report, quantize_
+from gwq_compile.eval import logits_of, next_token_nll
+from tests.conftest import tiny_llama
+
+CFG = dict(bits=3, group_size=64, outlier_ratio=0.02, progress=False)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _dense_copy(model):
+    """The same model with every GWQTensor weight replaced by its dequantized dense weight."""
+    dense = copy.deepcopy(model)
+    for mod in _linears(dense).values():
+        if isinstance(mod.weight, GWQTensor):
+            mod.weight = torch.nn.Parameter(mod.weight.dequantize(), requires_grad=False)
+    return dense
+
+
+def _grads(model, batches, kind="grad"):
+    """Reference saliency computed by hand: per-sample gradients of the next-token loss."""
+    model = copy.deepcopy(model)
+    sal = {}
+    for ids in batches:
+        model.zero_grad()
+        next_token_nll(logits_of(model(ids)), ids).backward()
+        for n, m in _linears(model).items():
+            g = m.weight.grad.float()
+            term = {"grad": g.abs(), "fisher": g.square(), "grad_weight": (g * m.weight.detach()).abs()}[kind]
+            sal[n] = sal.get(n, 0) + term
+    return sal
+
+
+def test_one_shot_quantizes_every_linear_but_lm_head(llama, token_ids) -> None:
+    quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    for name, mod in _linears(llama).items():
+        assert isinstance(mod.weight, GWQTensor) == (name != "lm_head"), name
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight  # tie kept
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_outlier_fraction_equals_ratio(llama, token_ids, scope) -> None:
+    ratio = 0.03
+    quantize_(llama, GWQConfig(**{**CFG, "outlier_ratio": ratio, "outlier_scope": scope}), calibration_data=token_ids[:1])
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        w = mod.weight
+        n, k = w.shape
+        if scope == "layer":
+            assert w.num_outliers == round(ratio * n * k), name
+        else:
+            per_row = w.outlier_row_ptr.diff()
+            assert (per_row == round(ratio * k)).all(), name
+
+
+@pytest.mark.parametrize("kind", ["grad", "fisher", "grad_weight"])
+def test_masks_are_the_top_saliency_weights(llama, token_ids, kind) -> None:
+    batches = [token_ids[:1], token_ids[1:]]
+    expected = _grads(llama, batches, kind)
+    quantize_(llama, GWQConfig(**{**CFG, "saliency": kind}), calibration_data=batches)
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        mask = mod.weight.outlier_mask()
+        sal = expected[name]
+        # every chosen weight is at least as salient as every weight left out (ties aside)
+        assert sal[mask].min() >= sal[~mask].max() * (1 - 1e-4), name
+
+
+def test_quantized_forward_equals_dense_dequantized_forward(llama, token_ids) -> None:
+    fp = llama(token_ids).logits
+    quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    q = llama(token_ids).logits
+    d = _dense_copy(llama)(token_ids).logits
+    torch.testing.assert_close(q, d, rtol=1e-5, atol=1e-5)
+    assert (q - fp).abs().max() > 1e-3  # it really is quantized
+
+
+def test_flags_grads_and_mode_are_restored(llama, token_ids) -> None:
+    llama.train()
+    llama.model.norm.weight.requires_grad_(False)
+    old_grad = torch.ones_like(llama.model.embed_tokens.weight)
+    llama.model.embed_tokens.weight.grad = old_grad
+    quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    assert llama.training and all(m.training for m in llama.modules())
+    assert llama.model.norm.weight.requires_grad is False
+    assert llama.model.layers[0].input_layernorm.weight.requires_grad is True
+    assert llama.model.embed_tokens.weight.grad is old_grad
+    assert all(not p.requires_grad for n, p in llama.named_parameters() if isinstance(p, GWQTensor))
+
+
+def test_prepare_convert_with_own_loss_equals_one_shot(token_ids) -> None:
+    a, b = tiny_llama(3), tiny_llama(3)
+    quantize_(a, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    quantize_(b, GWQConfig(step="prepare"))
+    ids = token_ids[:1]
+    next_token_nll(b(ids).logits, ids).backward()
+    quantize_(b, GWQConfig(step="convert", **CFG))
+    for (na, ma), (nb, mb) in zip(_linears(a).items(), _linears(b).items()):
+        if isinstance(ma.weight, GWQTensor):
+            assert torch.equal(ma.weight.outlier_mask(), mb.weight.outlier_mask()), na
+            assert torch.equal(ma.weight.packed_codes, mb.weight.packed_codes), na
+
+
+def test_torchao_quantize_path(llama, token_ids) -> None:
+    ids = token_ids[:1]
+    prepare = GWQConfig(step="prepare")
+    torchao.quantization.quantize_(llama, prepare, filter_fn=gwq_filter(llama, prepare))
+    next_token_nll(llama(ids).logits, ids).backward()
+    convert = GWQConfig(step="convert", **CFG)
+    torchao.quantization.quantize_(llama, convert, filter_fn=gwq_filter(llama, convert))
+    assert quantization_report(llama)["quantized_layers"] == 14
+    assert torch.isfinite(llama(ids).logits).all()
+
+
+def test_torchao_one_shot_without_data_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        torchao.quantization.quantize_(torch.nn.Sequential(torch.nn.Linear(8, 8)), GWQConfig())
+
+
+def test_single_linear_model() -> None:
+    lin = torch.nn.Linear(70, 33)
+    x = torch.randn(5, 70)
+    quantize_(lin, GWQConfig(step="prepare"))
+    lin(x).square().mean().backward()
+    quantize_(lin, GWQConfig(step="convert", bits=4, group_size=32, progress=False))
+    assert isinstance(lin.weight, GWQTensor)
+    torch.testing.assert_close(lin(x), x @ lin.weight.dequantize().T + lin.bias)
+
+
+def test_tied_linears_are_quantized_once() -> None:
+    a, b = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
+    b.weight = a.weight
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 32), a, torch.nn.ReLU(), b, torch.nn.Linear(32, 50))
+    quantize_(model, GWQConfig(bits=4, group_size=32, progress=False, skip_output_embeddings=False, skip_modules=()),
+              calibration_data=torch.randint(0, 50, (1, 20)))  # fmt: skip
+    assert isinstance(a.weight, GWQTensor) and a.weight is b.weight
+
+
+def test_lm_head_tied_to_embedding_is_never_untied(token_ids) -> None:
+    model = tiny_llama(tie=True)
+    with pytest.warns(UserWarning, match="lm_head"):
+        quantize_(model, GWQConfig(**CFG, skip_modules=(), skip_output_embeddings=False), calibration_data=token_ids[:1])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not isinstance(model.lm_head.weight, GWQTensor)
+
+
+def test_untied_lm_head_can_be_quantized(token_ids) -> None:
+    model = tiny_llama(tie=False)
+    quantize_(model, GWQConfig(**CFG, skip_modules=(), skip_output_embeddings=False), calibration_data=token_ids[:1])
+    assert isinstance(model.lm_head.weight, GWQTensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(dtype, token_ids) -> None:
+    model = tiny_llama(dtype=dtype)
+    quantize_(model, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(w, GWQTensor) and w.dtype == dtype and w.dequantize().dtype == dtype
+    out = model(token_ids).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_layer_without_gradient_stays_dense_with_warning(token_ids) -> None:
+    model = tiny_llama()
+    model.unused_head = torch.nn.Linear(96, 4)  # like BERT's pooler: the loss never reaches it
+    with pytest.warns(UserWarning, match="unused_head"):
+        quantize_(model, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    assert not isinstance(model.unused_head.weight, GWQTensor)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, GWQTensor)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=5), "bits"),
+        (dict(bits=1), "bits"),
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=-2), "group_size"),
+        (dict(outlier_ratio=-0.1), "outlier_ratio"),
+        (dict(outlier_ratio=0.51), "outlier_ratio"),
+        (dict(saliency="hessians"), "saliency"),
+        (dict(outlier_scope="global"), "outlier_scope"),
+        (dict(step="calibrate"), "step"),
+    ],
+)
+def test_bad_config(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GWQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("data", [torch.zeros(0, 8, dtype=torch.long), [], None])
+def test_empty_calibration_data(llama, data) -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_(llama, GWQConfig(**CFG), calibration_data=data)
+    assert not any(isinstance(p, GWQTensor) for p in llama.parameters())
+    assert all(p.requires_grad for p in llama.parameters())  # nothing left frozen or hooked
+
+
+def test_convert_without_prepare(llama) -> None:
+    with pytest.raises(ValueError, match="prepare"):
+        quantize_(llama, GWQConfig(step="convert"))
+
+
+def test_convert_with_no_gradient_at_all(llama) -> None:
+    quantize_(llama, GWQConfig(step="prepare"))
+    with pytest.raises(ValueError, match="backward"):
+        quantize_(llama, GWQConfig(step="convert"))
+
+
+def test_nan_weight_names_the_layer(llama, token_ids) -> None:
+    with torch.no_grad():
+        llama.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
+
+
+class _NanGradModel(torch.nn.Module):
+    """Finite loss, NaN gradient: d sqrt(z)/dz is inf at z = 0 and dz/dy = 0, so inf * 0 = NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 16)
+        self.proj = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 20)
+
+    def forward(self, ids):
+        y = self.proj(self.emb(ids))
+        y = y + torch.sqrt((y - y.detach()) ** 2)
+        return self.head(y)
+
+
+def test_nan_gradient_names_the_layer() -> None:
+    with pytest.raises(ValueError, match=r"'proj'.*NaN"):
+        quantize_(_NanGradModel(), GWQConfig(bits=4, group_size=16, progress=False), calibration_data=torch.randint(0, 20, (1, 8)))
+
+
+def test_model_without_linear_warns_and_changes_nothing() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="no nn.Linear"):
+        quantize_(model, GWQConfig(), calibration_data=torch.randint(0, 10, (1, 5)))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_calibration_data_forms(token_ids) -> None:
+    a, b, c = tiny_llama(5), tiny_llama(5), tiny_llama(5)
+    quantize_(a, GWQConfig(**CFG), calibration_data=token_ids)  # [2, seq]: two samples
+    quantize_(b, GWQConfig(**CFG), calibration_data=[token_ids[0], token_ids[1:]])  # 1-D and 2-D items
+    quantize_(c, GWQConfig(**CFG), calibration_data=iter([{"input_ids": token_ids[:1]}, {"input_ids": token_ids[1:]}]))
+    for m in (b, c):
+        torch.testing.assert_close(m(token_ids).logits, a(token_ids).logits)

@@ -1,0 +1,90 @@
+"""GWQTensor: F.linear dispatch, torch.compile, state_dict / torch.save, op errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gwq_compile import GWQTensor, packing
+
+
+def _qlinear(n=40, k=100, bias=True, bits=4, group_size=32, density=0.02, dtype=torch.float32):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
+    mask = torch.rand(n, k) < density
+    lin.weight = torch.nn.Parameter(GWQTensor.from_float(lin.weight.detach(), mask, bits, group_size), requires_grad=False)
+    return lin
+
+
+def test_linear_dispatches_to_the_registered_op() -> None:
+    lin = _qlinear()
+    x = torch.randn(2, 3, 100)
+    with torch.profiler.profile() as prof:
+        y = lin(x)
+    assert any(e.name == "gwq::linear" for e in prof.events())
+    torch.testing.assert_close(y, x @ lin.weight.dequantize().T + lin.bias)
+
+
+def test_compile_fullgraph_matches_eager() -> None:
+    lin = _qlinear()
+    x = torch.randn(4, 100)
+    compiled = torch.compile(lin, fullgraph=True)
+    torch.testing.assert_close(compiled(x), lin(x))
+
+
+def test_gradients_reach_input_and_bias() -> None:
+    lin = _qlinear()
+    x = torch.randn(3, 100, requires_grad=True)
+    lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.dequantize().sum(0).expand(3, -1))
+    torch.testing.assert_close(lin.bias.grad, torch.full((40,), 3.0))
+
+
+def test_state_dict_torch_save_weights_only() -> None:
+    lin = _qlinear()
+    buf = io.BytesIO()
+    torch.save(lin.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert isinstance(sd["weight"], GWQTensor)
+    fresh = torch.nn.Linear(100, 40)
+    fresh.load_state_dict(sd, assign=True)
+    x = torch.randn(2, 100)
+    torch.testing.assert_close(fresh(x), lin(x), rtol=0, atol=0)
+
+
+def test_outlier_mask_and_dequantize_dtype() -> None:
+    lin = _qlinear(dtype=torch.bfloat16)
+    w = lin.weight
+    assert w.dequantize().dtype == torch.bfloat16
+    assert w.outlier_mask().dtype == torch.bool and int(w.outlier_mask().sum()) == w.num_outliers
+
+
+def test_unsupported_op_raises_naming_it() -> None:
+    lin = _qlinear()
+    with pytest.raises(NotImplementedError):
+        torch.mm(torch.randn(2, 40), lin.weight)
+
+
+def test_op_rejects_wrong_feature_count_and_device() -> None:
+    lin = _qlinear()
+    with pytest.raises(ValueError, match="features"):
+        lin(torch.randn(2, 99))
+    with pytest.raises(TypeError, match="floating"):
+        F.linear(torch.ones(2, 100, dtype=torch.long), lin.weight)
+
+
+def test_bad_kernel_choice(monkeypatch) -> None:
+    monkeypatch.setenv("GWQ_KERNEL", "cuda-magic")
+    with pytest.raises(ValueError, match="GWQ_KERNEL"):
+        _qlinear()(torch.randn(1, 100))
+
+
+def test_reference_op_equals_packing_reference() -> None:
+    p = packing.quantize_weight(torch.randn(16, 40), torch.rand(16, 40) < 0.1, 3, 16)
+    x = torch.randn(3, 40)
+    y = torch.ops.gwq.linear(x, *p[:6], None, p.bits, p.group_size, p.in_features)
+    torch.testing.assert_close(y, x @ packing.dequantize_weight(p).T)
