@@ -69,7 +69,7 @@ class GWQConfig(AOBaseConfig):
     saliency: str = "grad"
     outlier_scope: str = "layer"
     symmetric: bool = False
-    clip_search: bool = True
+    clip_search: bool = False
     compensation: str = "none"
     damp: float = 0.01
     skip_modules: tuple[str, ...] = ("lm_head",)

@@ -18,7 +18,7 @@ from gwq_compile.eval import perplexity
 
 pytestmark = pytest.mark.slow
 
-SEQLEN, WINDOWS = 512, 4
+SEQLEN, WINDOWS = 512, 8
 
 
 @pytest.fixture(scope="module")
