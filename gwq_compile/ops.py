@@ -6,8 +6,8 @@ fake implementation gives the output's shape and dtype, and the real one is chos
 call time from the environment variable ``GWQ_KERNEL``:
 
 * ``reference``: plain PyTorch (dequantize, matmul, add the outliers);
-* ``triton``: the fused Triton kernel from ``gwq_compile.codegen`` (on CPU tensors it
-  runs under ``TRITON_INTERPRET=1``);
+* ``triton``: the fused Triton kernel from ``gwq_compile.codegen`` (on CPU tensors the
+  launcher runs an interpreted copy of the kernels: no environment variable needed);
 * unset or empty: the best path for the device (Triton on CUDA, the CPU path on CPU).
 
 Example:

@@ -25,6 +25,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from gwq_compile import ops as _ops  # noqa: F401  (registers torch.ops.gwq.linear)
 from gwq_compile import packing
+from gwq_compile.codegen import launch as _launch  # noqa: F401  (registers torch.ops.gwq.linear_triton; no triton import)
 
 aten = torch.ops.aten
 
@@ -141,10 +142,15 @@ implements_torch_function = GWQTensor.implements_torch_function
 
 
 def _linear(x: torch.Tensor, weight: GWQTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.gwq.linear(
+    args = (
         x, weight.packed_codes, weight.group_scales, weight.group_zeros, weight.outlier_row_ptr,
         weight.outlier_col_idx, weight.outlier_values, bias, weight.bits, weight.group_size, weight.in_features,
     )  # fmt: skip
+    if x.is_cuda and _ops.kernel_choice() != "reference":
+        # A triton_op: Inductor sees the Triton kernel inside compiled graphs.  CPU keeps the
+        # opaque custom op (a triton_op cannot run on the interpreter inside torch.compile).
+        return torch.ops.gwq.linear_triton(*args)
+    return torch.ops.gwq.linear(*args)
 
 
 @implements(aten.linear.default)

@@ -1,0 +1,422 @@
+"""Thin launchers for the GWQ Triton kernels and the ``gwq::linear_triton`` op.
+
+:func:`gwq_linear_triton` takes exactly the arguments of ``torch.ops.gwq.linear``
+(plus two keyword-only knobs for tests and benchmarks), checks them, flattens the
+leading dims of ``x``, picks the kernel family, allocates the output and launches.
+
+Dispatch: ``M <= SMALL_M_MAX`` (16) rows go to the GEMV / split-K kernel, larger M to
+the tiled ``tl.dot`` GEMM (``path="splitk"``/``"gemm"`` forces one).  Both families
+read the CSR outliers in-kernel (see :mod:`gwq_compile.codegen.kernels`).
+
+Inputs: ``x`` may have any leading dims and any strides.  It is flattened with
+``x.reshape(-1, K)`` (a view whenever the leading dims can be merged, which includes
+every slice along K or a transposed 2-D input) and *both* strides are passed to the
+kernel, so non-contiguous activations are not copied.  The weight fields must be
+contiguous (they are, as produced by :mod:`gwq_compile.packing`).
+
+Devices: CUDA tensors run the compiled kernels; CPU tensors run them on the Triton
+interpreter.  Triton fixes that choice when ``@triton.jit`` decorates a function (for
+its own ``tl.*`` library: when triton is first imported), so this module keeps one copy
+of :mod:`gwq_compile.codegen.kernels` per mode and loads the interpreted one on demand;
+no ``TRITON_INTERPRET`` is needed for CPU tensors.  (With ``TRITON_INTERPRET=1`` set
+before triton's import, everything, CUDA tensors included, runs on the interpreter.)
+Nothing here needs a GPU, or even ``triton``, at import time.
+
+Registration: ``torch.ops.gwq.linear_triton`` is a ``torch.library.triton_op`` whose
+body launches the kernels through ``torch.library.wrap_triton``, so Inductor sees (and
+can fuse around) the kernel inside compiled graphs on CUDA.  On CPU, a triton_op
+cannot run inside ``torch.compile`` (the interpreter needs real data pointers), so CPU
+callers use ``torch.ops.gwq.linear`` (an opaque custom op that calls
+:func:`gwq_linear_triton`), which works eagerly and compiled.
+
+Example:
+    >>> import torch
+    >>> from gwq_compile import packing
+    >>> from gwq_compile.codegen.launch import gwq_linear_triton
+    >>> w = torch.randn(48, 100); mask = torch.rand_like(w) < 0.02
+    >>> p = packing.quantize_weight(w, mask, bits=3, group_size=32)
+    >>> x = torch.randn(2, 5, 100)
+    >>> y = gwq_linear_triton(x, *p[:6], None, p.bits, p.group_size, p.in_features)
+    >>> ref = x @ packing.dequantize_weight(p).T
+    >>> y.shape, bool(torch.allclose(y, ref, atol=1e-4, rtol=1e-4))
+    (torch.Size([2, 5, 48]), True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+
+from gwq_compile import ops as _ops
+from gwq_compile import packing
+
+__all__ = ["SMALL_M_MAX", "PATHS", "gwq_linear_triton", "kernels_module", "select_path", "triton_interpreting", "use_interpreter"]
+
+#: Rows up to which the GEMV / split-K family is used (decode and small batches).
+SMALL_M_MAX = 16
+#: Values of the ``path`` argument.
+PATHS = ("auto", "splitk", "gemm")
+
+_KERNELS = "gwq_compile.codegen.kernels"
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_loaded: dict[bool, ModuleType] = {}
+_CONFIG_KEYS = {
+    "splitk": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"},
+    "gemm": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"},
+}
+
+
+# ----------------------------------------------------------------------------- kernel module / interpreter
+
+
+def _require_triton() -> ModuleType:
+    try:
+        import triton  # noqa: PLC0415  (optional dependency: imported only when a kernel is used)
+    except ImportError as exc:
+        raise ImportError(
+            "the GWQ Triton kernels (GWQ_KERNEL=triton, or CUDA tensors by default) need the `triton` "
+            "package (pip install 'triton>=3.3'), which cannot be imported; use GWQ_KERNEL=reference"
+        ) from exc
+    return triton
+
+
+def triton_interpreting() -> bool:
+    """Whether triton itself was imported for the interpreter (``TRITON_INTERPRET=1``).
+
+    Triton decorates its own ``tl.*`` library for the compiler or the interpreter when it
+    is first imported (``import gwq_compile`` imports it, through torchao), so this checks
+    the library rather than the environment.  In such a process every kernel runs on
+    the interpreter, CUDA tensors included (through host copies): a debugging mode.
+
+    Example:
+        >>> from gwq_compile.codegen.launch import triton_interpreting
+        >>> isinstance(triton_interpreting(), bool)
+        True
+    """
+    _require_triton()
+    import triton.language as tl  # noqa: PLC0415
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    return not isinstance(tl.zeros, JITFunction)
+
+
+@contextlib.contextmanager
+def _interpret_env(interpret: bool) -> Iterator[None]:
+    """Set ``TRITON_INTERPRET`` while a copy of our kernels is decorated, then restore it,
+    so the choice never leaks into anyone else's kernels."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def kernels_module(interpret: bool) -> ModuleType:
+    """:mod:`gwq_compile.codegen.kernels` decorated for the interpreter or the compiler.
+
+    The regular module is used when its mode fits (it is imported under the wanted mode
+    if nobody imported it yet); otherwise a private copy is loaded with
+    ``TRITON_INTERPRET`` set accordingly for the duration of that import.  This works
+    because the kernels call only triton builtins (see :mod:`~gwq_compile.codegen.kernels`).
+
+    Example:
+        >>> from gwq_compile.codegen.launch import kernels_module
+        >>> kernels_module(interpret=True).INTERPRETED
+        True
+    """
+    if interpret in _loaded:
+        return _loaded[interpret]
+    _require_triton()
+    if not interpret and triton_interpreting():
+        raise RuntimeError("triton was imported with TRITON_INTERPRET=1: GWQ kernels can only run on the interpreter here")
+    with _interpret_env(interpret):
+        module = sys.modules.get(_KERNELS) or importlib.import_module(_KERNELS)
+        if module.INTERPRETED != interpret:
+            name = f"{_KERNELS}_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(name, module.__file__)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    if module.INTERPRETED != interpret:  # e.g. triton.knobs.runtime.interpret forced in code
+        raise RuntimeError(
+            f"could not decorate the GWQ kernels for the {'interpreter' if interpret else 'compiler'}: "
+            "triton.knobs.runtime.interpret seems to be overridden in code; leave the choice to TRITON_INTERPRET"
+        )
+    _loaded[interpret] = module
+    return module
+
+
+def use_interpreter(device: torch.device) -> bool:
+    """CPU tensors run on the Triton interpreter; CUDA ones compiled, unless triton itself
+    was imported for the interpreter.
+
+    Example:
+        >>> import torch
+        >>> from gwq_compile.codegen.launch import use_interpreter
+        >>> use_interpreter(torch.device("cpu"))
+        True
+    """
+    if device.type == "cpu":
+        return True
+    if device.type in ("cuda", "xpu"):
+        return triton_interpreting()
+    raise ValueError(f"gwq_linear_triton: x is on {device}; the Triton kernels support cuda (and cpu on the interpreter)")
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check(
+    x: torch.Tensor,
+    packed_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> None:
+    """Raise a clear error, naming the argument, for anything the kernels cannot take."""
+    packing.check_bits(bits)
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"gwq_linear_triton: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"gwq_linear_triton: x has shape {tuple(x.shape)}, its last dim must be in_features={in_features}")
+    n = packed_codes.shape[0] if packed_codes.dim() == 2 else -1
+    groups = packing.num_groups(in_features, group_size)
+    expected = {
+        "packed_codes": (packed_codes, (torch.uint8,), (n, packing.packed_row_bytes(in_features, bits))),
+        "group_scales": (group_scales, (torch.float16,), (n, groups)),
+        "group_zeros": (group_zeros, (torch.uint8,), (n, groups)),
+        "outlier_row_ptr": (outlier_row_ptr, (torch.int32,), (n + 1,)),
+        "outlier_col_idx": (outlier_col_idx, (torch.int16, torch.int32), (outlier_values.shape[0],)),
+        "outlier_values": (outlier_values, (torch.float16,), (outlier_col_idx.shape[0],)),
+    }
+    if bias is not None:
+        expected["bias"] = (bias, _ACT_DTYPES, (n,))
+    for name, (t, dtypes, shape) in expected.items():
+        if t.dtype not in dtypes:
+            raise TypeError(f"gwq_linear_triton: {name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"gwq_linear_triton: {name} has shape {tuple(t.shape)}, expected {shape}")
+        if t.device != x.device:
+            raise ValueError(f"gwq_linear_triton: {name} is on {t.device} but x is on {x.device}")
+    if in_features > torch.iinfo(torch.int16).max and outlier_col_idx.dtype != torch.int32:
+        raise TypeError(f"gwq_linear_triton: outlier_col_idx must be int32 when in_features > 32767, got {outlier_col_idx.dtype}")
+
+
+def select_path(m: int, path: str = "auto") -> str:
+    """The kernel family for ``m`` rows: ``"splitk"`` for ``m <= SMALL_M_MAX``, else ``"gemm"``.
+
+    Example:
+        >>> from gwq_compile.codegen.launch import select_path
+        >>> select_path(1), select_path(17), select_path(1, "gemm")
+        ('splitk', 'gemm', 'gemm')
+    """
+    if path not in PATHS:
+        raise ValueError(f"gwq_linear_triton: path must be one of {PATHS}, got {path!r}")
+    if path != "auto":
+        return path
+    return "splitk" if m <= SMALL_M_MAX else "gemm"
+
+
+def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[str, int]:
+    unknown = set(config) - _CONFIG_KEYS[path]
+    if unknown:
+        raise ValueError(f"gwq_linear_triton: config keys {sorted(unknown)} are not knobs of the {path} kernel ({sorted(_CONFIG_KEYS[path])})")
+    cfg = dict(config)
+    required = {"BLOCK_N", "BLOCK_K"} | ({"SPLIT_K"} if path == "splitk" else {"BLOCK_M"})
+    missing = required - set(cfg)
+    if missing:
+        raise ValueError(f"gwq_linear_triton: config for the {path} kernel lacks {sorted(missing)}")
+    cfg.setdefault("BLOCK_M", block_m)  # split-K: from M unless forced
+    if path == "gemm":
+        cfg.setdefault("GROUP_M", 8)
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        value = cfg[key]
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"gwq_linear_triton: config {key} must be a power of two, got {value}")
+    uses_dot = path == "gemm" or cfg["BLOCK_M"] >= 16
+    if uses_dot and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        raise ValueError(f"gwq_linear_triton: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16, got {cfg}")
+    if cfg.get("SPLIT_K", 1) < 1:
+        raise ValueError(f"gwq_linear_triton: config SPLIT_K must be >= 1, got {cfg['SPLIT_K']}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def _launch(
+    wrap: Callable[[object], object],
+    x: torch.Tensor,
+    packed_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    path: str = "auto",
+    config: Optional[Mapping[str, int]] = None,
+) -> torch.Tensor:
+    """Shared body of the plain launcher and the triton_op; ``wrap`` is identity or
+    ``wrap_triton`` (which must not see interpreted kernels)."""
+    triton = _require_triton()
+    k = in_features
+    group_size = packing.effective_group_size(k, group_size)
+    _check(x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, k)
+    interpret = use_interpreter(x.device)
+    if interpret and x.dtype == torch.bfloat16:
+        raise TypeError(
+            "gwq_linear_triton: bfloat16 activations need a GPU: the Triton interpreter used for CPU tensors "
+            "computes with numpy, which has no bfloat16 (use float16/float32 or GWQ_KERNEL=reference)"
+        )
+    mod = kernels_module(interpret)
+    if interpret:
+        wrap = _identity
+
+    n = packed_codes.shape[0]
+    x2 = x.reshape(-1, k)  # a view whenever possible: strides go to the kernel, no copy
+    m = x2.shape[0]
+    out_shape = (*x.shape[:-1], n)
+    if m == 0 or n == 0:
+        return x.new_zeros(out_shape)
+    # The kernels index every weight field and the bias with unit inner stride (no-ops
+    # for tensors from gwq_compile.packing).
+    codes, scales, zeros = packed_codes.contiguous(), group_scales.contiguous(), group_zeros.contiguous()
+    row_ptr, col_idx, values = outlier_row_ptr.contiguous(), outlier_col_idx.contiguous(), outlier_values.contiguous()
+    plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
+    has_outliers = values.numel() > 0
+    bias_arg = bias.contiguous() if bias is not None else x2  # x2 is never read when HAS_BIAS is False
+    chosen = select_path(m, path)
+    common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers)
+
+    if chosen == "splitk":
+        block_m = min(16, triton.next_power_of_2(m))
+        workspace = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+        args = (
+            x2, codes, scales, zeros, row_ptr, col_idx, values, bias_arg, workspace,
+            m, n, k, plane1_offset,
+            x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0), workspace.stride(0),
+        )  # fmt: skip
+        if config is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, block_m))  # noqa: E731
+            wrap(mod.gwq_splitk_autotuned)[grid](*args, **common, BLOCK_M=block_m)
+        else:
+            cfg = _check_config(config, "splitk", block_m)
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(m, cfg["BLOCK_M"]))
+            wrap(mod.gwq_splitk_kernel)[grid](*args, **common, **cfg)
+        out = workspace if x.dtype == torch.float32 else workspace.to(x.dtype)
+    else:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        m_bucket = min(4096, max(16, triton.next_power_of_2(m)))
+        args = (
+            x2, codes, scales, zeros, row_ptr, col_idx, values, bias_arg, out,
+            m, n, k, plane1_offset, m_bucket,
+            x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        )  # fmt: skip
+        if config is None:
+            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            wrap(mod.gwq_gemm_autotuned)[grid](*args, **common)
+        else:
+            cfg = _check_config(config, "gemm", 32)
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+            wrap(mod.gwq_gemm_kernel)[grid](*args, **common, **cfg)
+    return out.reshape(out_shape)
+
+
+def _identity(kernel: object) -> object:
+    return kernel
+
+
+def gwq_linear_triton(
+    x: torch.Tensor,
+    packed_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    *,
+    path: str = "auto",
+    config: Optional[Mapping[str, int]] = None,
+) -> torch.Tensor:
+    """GWQ linear ``x @ W.T + bias`` with the fused Triton kernels (arguments as ``torch.ops.gwq.linear``).
+
+    Args:
+        x: activations ``[..., in_features]``, fp16/bf16/fp32, any strides; the output
+            has ``x``'s dtype and leading dims.
+        packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx,
+            outlier_values, bits, group_size, in_features: the packed weight
+            (:class:`gwq_compile.packing.PackedWeight`); ``group_size`` -1 means per channel.
+        bias: optional ``[out_features]``, added in fp32 at the store.
+        path: ``"auto"`` (``M <= 16`` -> split-K, else GEMM), ``"splitk"`` or ``"gemm"``.
+        config: explicit tile knobs (e.g. ``{"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}``)
+            that bypass autotuning; for tests and benchmarks.
+
+    Example:
+        >>> import torch
+        >>> from gwq_compile import packing
+        >>> p = packing.quantize_weight(torch.randn(40, 64), None, bits=4, group_size=32)
+        >>> y = gwq_linear_triton(torch.randn(3, 64), *p[:6], None, 4, 32, 64, path="gemm")
+        >>> y.shape
+        torch.Size([3, 40])
+    """
+    return _launch(
+        _identity, x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values,
+        bias, bits, group_size, in_features, path=path, config=config,
+    )  # fmt: skip
+
+
+def _wrap_triton(kernel: object) -> object:
+    from torch.library import wrap_triton  # noqa: PLC0415
+
+    return wrap_triton(kernel)
+
+
+@torch.library.triton_op("gwq::linear_triton", mutates_args=())
+def _linear_triton_op(
+    x: torch.Tensor,
+    packed_codes: torch.Tensor,
+    group_scales: torch.Tensor,
+    group_zeros: torch.Tensor,
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``torch.ops.gwq.linear_triton``: :func:`gwq_linear_triton` visible to Inductor (CUDA)."""
+    return _launch(
+        _wrap_triton, x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values,
+        bias, bits, group_size, in_features,
+    )  # fmt: skip
+
+
+# Same gradients as torch.ops.gwq.linear: to the activation and bias, the weight is frozen.
+_linear_triton_op.register_autograd(_ops._backward, setup_context=_ops._setup_context)

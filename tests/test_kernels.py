@@ -1,0 +1,455 @@
+"""Property tests of the fused GWQ Triton kernels (``gwq_compile.codegen``).
+
+Every case builds a random weight and outlier mask, packs it with
+``packing.quantize_weight`` and compares the kernel with ``x @ W.T (+ b)`` computed in
+fp64 from ``packing.dequantize_weight`` (the same codes, scales, zeros and outliers, so
+the reference is exact).
+
+Tolerance, elementwise and relative to the output's scale
+``S = |x| @ |W|.T + |b|`` (the sum of the absolute values of the terms of each output):
+
+    |y - ref| <= (ROUND[dtype] + (2 K + 4) * 2**-24) * S + 2**-24
+
+``(2 K + 4) * 2**-24`` bounds fp32 accumulation of at most K products plus K outliers
+and the bias; ``ROUND`` is 0 for fp32 and twice the unit roundoff for fp16/bf16 (the
+weight tile is rounded to the activation dtype for ``tl.dot``, and the output is
+rounded once); ``2**-24`` absorbs fp16 subnormal outputs.
+
+On a machine without CUDA the kernels run on the Triton interpreter (CPU tensors): the
+launcher loads an interpreted copy of the kernels by itself, so nothing here sets
+``TRITON_INTERPRET`` (a subprocess test covers a process started with it).  The
+interpreter has no bfloat16 (its ``tl.dot`` silently computes on the raw bits), so bf16
+cases run on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gwq_compile import ops, packing
+from gwq_compile.codegen import launch
+from gwq_compile.tensor import GWQTensor
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CPU = DEVICE.type == "cpu"
+ACT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not ON_CPU else [])
+ROUND = {torch.float32: 0.0, torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
+
+# Explicit tile configs per kernel family (None = the autotuned entry point, which is a
+# single config under the interpreter).  They cover: split-K 1/2/3, the GEMV and the
+# tl.dot form of the small-M kernel, several M blocks, K tiles that are and are not
+# aligned with 32/64/128-groups, and GEMM tiles from 16 to 128.
+CONFIGS = {
+    "splitk": [
+        None,
+        {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1},
+        {"BLOCK_N": 64, "BLOCK_K": 16, "SPLIT_K": 3},
+        {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
+    ],
+    "gemm": [
+        None,
+        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
+        {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1},
+    ],
+}
+# Rows drawn per path: the small-M kernel is meant for 1..16 (17..20 checks several M
+# blocks); the GEMM takes any M, including the tiny ones.
+M_RANGE = {"splitk": (1, 20), "gemm": (1, 70)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_weight(
+    n: int, k: int, bits: int, group_size: int, density: float, seed: int, empty_rows: bool = False, dense_col: bool = False
+) -> packing.PackedWeight:
+    """Random weight + random outlier mask (optionally rows without any and one column of outliers only)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    mask = torch.rand(n, k, generator=gen) < density
+    w = torch.where(mask, w * 8, w)  # outliers are the large weights
+    if empty_rows:
+        mask[:: max(1, n // 3)] = False
+    if dense_col:
+        mask[:, int(torch.randint(k, (1,), generator=gen))] = True
+    p = packing.quantize_weight(w, mask, bits=bits, group_size=group_size)
+    return packing.PackedWeight(*(t.to(DEVICE) for t in p[:6]), *p[6:])
+
+
+def make_input(m: int, k: int, dtype: torch.dtype, layout: str, seed: int) -> torch.Tensor:
+    """``x`` with ``m`` rows per leading index and the given memory layout (made on DEVICE
+    first, so the view keeps its strides there)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=DEVICE, dtype=dtype)
+
+    if layout == "contiguous":
+        return randn(m, k)
+    if layout == "strided":  # every other element along K: stride_xk = 2, no copy
+        return randn(m, 2 * k)[:, ::2]
+    if layout == "transposed":  # stride_xm = 1
+        return randn(k, m).T
+    if layout == "3d":
+        return randn(2, m, k)
+    if layout == "3d-permuted":  # leading dims cannot be merged: the launcher's reshape copies
+        return randn(m, 2, k).transpose(0, 1)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def check_against_reference(y: torch.Tensor, x: torch.Tensor, p: packing.PackedWeight, bias: torch.Tensor | None) -> None:
+    w = packing.dequantize_weight(p, torch.float64)
+    ref = x.double() @ w.T
+    scale = x.double().abs() @ w.abs().T
+    if bias is not None:
+        ref = ref + bias.double()
+        scale = scale + bias.double().abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.device == x.device
+    rtol = ROUND[x.dtype] + (2 * p.in_features + 4) * 2.0**-24
+    err = (y.double() - ref).abs()
+    bound = rtol * scale + 2.0**-24
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert bool((err <= bound).all()), f"error {float(err.max()):.3g} exceeds the bound by x{worst:.3g} (rtol={rtol:.3g})"
+
+
+def run_kernel(x, p, bias, **kw) -> torch.Tensor:
+    return launch.gwq_linear_triton(x, *p[:6], bias, p.bits, p.group_size, p.in_features, **kw)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@st.composite
+def problems(draw, path: str) -> dict:
+    k = draw(st.integers(1, 300))
+    group = draw(st.sampled_from([32, 64, 128, -1, "any"]))
+    return dict(
+        m=draw(st.integers(*M_RANGE[path])),
+        n=draw(st.integers(1, 80)),
+        k=k,
+        bits=draw(st.sampled_from(packing.SUPPORTED_BITS)),
+        group_size=draw(st.integers(1, k)) if group == "any" else group,
+        density=draw(st.sampled_from([0.0, 0.01, 0.1, 0.3])),
+        empty_rows=draw(st.booleans()),
+        dense_col=draw(st.booleans()),
+        bias=draw(st.sampled_from(["none", "contiguous", "strided"])),
+        layout=draw(st.sampled_from(["contiguous", "strided", "transposed", "3d", "3d-permuted"])),
+        dtype=draw(st.sampled_from(ACT_DTYPES)),
+        config=draw(st.sampled_from(CONFIGS[path])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_kernel_matches_reference(path: str, data) -> None:
+    """Random shapes, formats, outlier patterns, layouts, dtypes and tiles on each kernel family."""
+    c = data.draw(problems(path))
+    p = make_weight(c["n"], c["k"], c["bits"], c["group_size"], c["density"], c["seed"], c["empty_rows"], c["dense_col"])
+    x = make_input(c["m"], c["k"], c["dtype"], c["layout"], c["seed"])
+    bias = {
+        "none": None,
+        "contiguous": torch.randn(c["n"], device=DEVICE, dtype=c["dtype"]),
+        "strided": torch.randn(2 * c["n"], device=DEVICE, dtype=c["dtype"])[::2],
+    }[c["bias"]]
+    y = run_kernel(x, p, bias, path=path, config=c["config"])
+    check_against_reference(y, x, p, bias)
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48])
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+def test_every_format(bits: int, group_size: int, path: str) -> None:
+    """Each bit width x group size (K=150: partial last group for all but per-channel) x path."""
+    p = make_weight(24, 150, bits, group_size, density=0.05, seed=bits * 1000 + group_size)
+    x = make_input(3 if path == "splitk" else 33, 150, torch.float32, "contiguous", seed=1)
+    bias = torch.randn(24, device=DEVICE)
+    check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        dict(density=0.0),
+        dict(density=0.3),
+        dict(density=0.0, dense_col=True),
+        dict(density=0.1, empty_rows=True, dense_col=True),
+    ],
+    ids=["none", "30%", "one-dense-column", "empty-rows+dense-column"],
+)
+def test_outlier_patterns(pattern: dict, path: str) -> None:
+    p = make_weight(50, 130, 3, 64, seed=7, **pattern)
+    assert (p.outlier_values.numel() > 0) == (pattern["density"] > 0 or pattern.get("dense_col", False))
+    x = make_input(5 if path == "splitk" else 40, 130, torch.float16, "contiguous", seed=2)
+    check_against_reference(run_kernel(x, p, None, path=path), x, p, None)
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_auto_dispatch(m: int, monkeypatch) -> None:
+    """``path="auto"`` picks split-K up to SMALL_M_MAX rows and GEMM beyond, and both are right."""
+    expected = "splitk" if m <= launch.SMALL_M_MAX else "gemm"
+    assert launch.select_path(m) == expected
+    seen = []
+    original = launch.select_path
+    monkeypatch.setattr(launch, "select_path", lambda rows, path="auto": seen.append(original(rows, path)) or seen[-1])
+    p = make_weight(24, 70, 4, 32, density=0.05, seed=m)
+    x = make_input(m, 70, torch.float32, "contiguous", seed=m)
+    check_against_reference(run_kernel(x, p, None), x, p, None)
+    assert seen == [expected]
+
+
+def test_empty_input() -> None:
+    p = make_weight(8, 40, 4, 32, density=0.1, seed=0)
+    x = torch.empty(2, 0, 40, device=DEVICE)
+    assert run_kernel(x, p, None).shape == (2, 0, 8)
+
+
+@pytest.mark.skipif(ON_CPU, reason="the Triton interpreter (CPU) has no bfloat16: its tl.dot computes on the raw bits")
+@pytest.mark.parametrize("path", ["splitk", "gemm"])
+def test_bfloat16(path: str) -> None:
+    p = make_weight(64, 256, 4, 128, density=0.01, seed=3)
+    x = make_input(4 if path == "splitk" else 64, 256, torch.bfloat16, "contiguous", seed=3)
+    bias = torch.randn(64, device=DEVICE, dtype=torch.bfloat16)
+    check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="CPU-only: bfloat16 refusal on the interpreter")
+def test_bfloat16_on_interpreter_is_refused() -> None:
+    p = make_weight(8, 40, 4, 32, density=0.0, seed=0)
+    with pytest.raises(TypeError, match="bfloat16"):
+        run_kernel(torch.randn(2, 40, dtype=torch.bfloat16), p, None)
+
+
+# ----------------------------------------------------------------------------- dispatch through F.linear
+
+
+def _gwq_weight(n: int = 48, k: int = 96, bits: int = 4, group_size: int = 32) -> GWQTensor:
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=gen)
+    mask = torch.rand(n, k, generator=gen) < 0.01
+    return GWQTensor.from_float(w, mask, bits=bits, group_size=group_size).to(DEVICE)
+
+
+def test_gwq_kernel_env_switch(monkeypatch) -> None:
+    """GWQ_KERNEL=reference and =triton give the same F.linear result, and triton really runs the kernel."""
+    qw = _gwq_weight()
+    x = torch.randn(2, 7, 96, device=DEVICE)
+    bias = torch.randn(48, device=DEVICE)
+    calls = []
+    original = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+
+    monkeypatch.setenv(ops.KERNEL_ENV, "reference")
+    y_ref = F.linear(x, qw, bias)
+    assert calls == []
+    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    y_tri = F.linear(x, qw, bias)
+    assert calls == [1]
+    check_against_reference(y_tri, x, qw.packed(), bias)
+    torch.testing.assert_close(y_tri, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_gwq_kernel_value_raises(monkeypatch) -> None:
+    monkeypatch.setenv(ops.KERNEL_ENV, "cuda-magic")
+    with pytest.raises(ValueError, match="GWQ_KERNEL"):
+        F.linear(torch.randn(2, 96, device=DEVICE), _gwq_weight())
+
+
+def test_gradient_through_triton_path(monkeypatch) -> None:
+    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    qw = _gwq_weight()
+    x = torch.randn(3, 96, device=DEVICE, requires_grad=True)
+    F.linear(x, qw).square().sum().backward()
+    w = qw.dequantize(torch.float32)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref @ w.T).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_op_eager_matches_launcher() -> None:
+    """``torch.ops.gwq.linear_triton`` (the triton_op Inductor sees on CUDA) runs eagerly too."""
+    p = make_weight(40, 100, 2, 64, density=0.05, seed=11)
+    x = make_input(5, 100, torch.float32, "contiguous", seed=11)
+    y = torch.ops.gwq.linear_triton(x, *p[:6], None, p.bits, p.group_size, p.in_features)
+    torch.testing.assert_close(y, run_kernel(x, p, None), rtol=1e-5, atol=1e-5)
+    check_against_reference(y, x, p, None)
+
+
+def test_compiled_model_uses_kernel(monkeypatch) -> None:
+    """torch.compile (Inductor) of a module with a GWQTensor weight, GWQ_KERNEL=triton."""
+    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(96, 48, bias=True).to(DEVICE)
+    lin.weight = torch.nn.Parameter(_gwq_weight(), requires_grad=False)
+    x = torch.randn(4, 96, device=DEVICE)
+    with torch.no_grad():
+        y = torch.compile(lin)(x)
+    check_against_reference(y, x, lin.weight.packed(), lin.bias.detach())
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("codes_dtype", TypeError, "packed_codes"),
+        ("scales_shape", ValueError, "group_scales"),
+        ("x_features", ValueError, "in_features"),
+        ("x_int", TypeError, "x must be"),
+        ("bias_shape", ValueError, "bias"),
+        ("path", ValueError, "path"),
+        ("config_key", ValueError, "BLOCK_Q"),
+        ("config_dot_too_small", ValueError, "tl.dot"),
+        ("config_not_pow2", ValueError, "power of two"),
+    ],
+)
+def test_bad_arguments_name_the_argument(case: str, error: type, match: str) -> None:
+    p = make_weight(16, 64, 4, 32, density=0.05, seed=0)
+    args = [torch.randn(2, 64, device=DEVICE), *p[:6], None, p.bits, p.group_size, p.in_features]
+    kw = {}
+    if case == "codes_dtype":
+        args[1] = args[1].to(torch.int32)
+    elif case == "scales_shape":
+        args[2] = args[2][:, :1]
+    elif case == "x_features":
+        args[0] = torch.randn(2, 63, device=DEVICE)
+    elif case == "x_int":
+        args[0] = torch.ones(2, 64, dtype=torch.int32, device=DEVICE)
+    elif case == "bias_shape":
+        args[7] = torch.zeros(15, device=DEVICE)
+    elif case == "path":
+        kw["path"] = "gemv"
+    elif case == "config_key":
+        kw.update(path="gemm", config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_Q": 1})
+    elif case == "config_dot_too_small":
+        kw.update(path="gemm", config={"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16})
+    elif case == "config_not_pow2":
+        kw.update(path="splitk", config={"BLOCK_N": 24, "BLOCK_K": 16, "SPLIT_K": 1})
+    with pytest.raises(error, match=match):
+        launch.gwq_linear_triton(*args, **kw)
+
+
+# ----------------------------------------------------------------------------- autotune spaces
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 8, 16])
+@pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 48), (10, 20, 20)])
+def test_splitk_pruner(block_m: int, n: int, k: int, group_size: int) -> None:
+    kernels = launch.kernels_module(interpret=ON_CPU)
+    configs = kernels.splitk_configs(interpreted=False)
+    kept = kernels.prune_splitk_configs(configs, {"N": n, "K": k}, BLOCK_M=block_m, GROUP_SIZE=group_size)
+    assert kept and all(c in configs for c in kept)
+    if any(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept):
+        assert all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    if len(kept) > 1:
+        assert all(kernels._fits_registers(block_m, c) for c in kept)
+
+
+@pytest.mark.parametrize("m_bucket", [32, 256, 4096])
+@pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (4096, 11008, 4096), (24, 40, 40)])
+def test_gemm_pruner(m_bucket: int, n: int, k: int, group_size: int) -> None:
+    kernels = launch.kernels_module(interpret=ON_CPU)
+    configs = kernels.gemm_configs(interpreted=False)
+    kept = kernels.prune_gemm_configs(configs, {"N": n, "K": k, "m_bucket": m_bucket}, GROUP_SIZE=group_size)
+    assert kept and all(c in configs for c in kept)
+    assert all(c.kwargs["BLOCK_M"] <= max(32, m_bucket) for c in kept) or len(kept) == 1
+
+
+def test_interpreter_uses_one_config() -> None:
+    kernels = launch.kernels_module(interpret=True)
+    assert kernels.INTERPRETED
+    assert len(kernels.gwq_splitk_autotuned.configs) == 1 and len(kernels.gwq_gemm_autotuned.configs) == 1
+    assert len(kernels.splitk_configs(interpreted=False)) > 1 and len(kernels.gemm_configs(interpreted=False)) > 1
+
+
+# ----------------------------------------------------------------------------- imports
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_import_is_light() -> None:
+    """Importing the package and ``codegen`` neither loads the kernels nor touches a GPU."""
+    code = (
+        "import sys, torch\n"
+        "import gwq_compile, gwq_compile.codegen, gwq_compile.codegen.launch\n"
+        "assert 'gwq_compile.codegen.kernels' not in sys.modules\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "print('ok')\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_missing_triton_gives_clear_error_only_when_used() -> None:
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import os, torch\n"
+        "import gwq_compile, gwq_compile.codegen.launch as L\n"
+        "from gwq_compile import packing\n"
+        "p = packing.quantize_weight(torch.randn(8, 40), None, bits=4, group_size=32)\n"
+        "y = torch.ops.gwq.linear(torch.randn(2, 40), *p[:6], None, 4, 32, 40)\n"  # reference still works
+        "os.environ['GWQ_KERNEL'] = 'triton'\n"
+        "try:\n"
+        "    torch.ops.gwq.linear(torch.randn(2, 40), *p[:6], None, 4, 32, 40)\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ImportError:" in proc.stdout and "`triton` package" in proc.stdout and "GWQ_KERNEL=reference" in proc.stdout
+
+
+def test_cpu_kernels_leave_triton_mode_alone() -> None:
+    """Running on CPU neither needs nor leaks TRITON_INTERPRET: kernels decorated later by
+    anyone else keep the mode triton was imported in."""
+    import triton
+
+    before = os.environ.get("TRITON_INTERPRET")
+    p = make_weight(8, 40, 4, 32, density=0.1, seed=0)
+    p = packing.PackedWeight(*(t.cpu() for t in p[:6]), *p[6:])
+    x = torch.randn(2, 40)
+    check_against_reference(run_kernel(x, p, None), x, p, None)
+    assert os.environ.get("TRITON_INTERPRET") == before
+
+    @triton.jit
+    def _probe(x_ptr):
+        pass
+
+    assert (not isinstance(_probe, triton.runtime.jit.JITFunction)) == launch.triton_interpreting()
+
+
+def test_process_started_with_triton_interpret() -> None:
+    """With TRITON_INTERPRET=1 before triton's import, the regular kernels module is the interpreted one."""
+    code = (
+        "import torch\n"
+        "from gwq_compile import packing\n"
+        "from gwq_compile.codegen import launch\n"
+        "assert launch.triton_interpreting()\n"
+        "w = torch.randn(20, 70); mask = torch.rand_like(w) < 0.05\n"
+        "p = packing.quantize_weight(w, mask, bits=3, group_size=32)\n"
+        "ref = packing.dequantize_weight(p)\n"
+        "for m in (2, 20):\n"
+        "    x = torch.randn(m, 70)\n"
+        "    y = launch.gwq_linear_triton(x, *p[:6], None, 3, 32, 70)\n"
+        "    torch.testing.assert_close(y, x @ ref.T, rtol=1e-5, atol=1e-5)\n"
+        "assert launch.kernels_module(True) is __import__('gwq_compile.codegen.kernels').codegen.kernels\n"
+        "print('ok')\n"
+    )
+    proc = _python(code, TRITON_INTERPRET="1")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
