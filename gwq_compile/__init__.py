@@ -13,6 +13,7 @@ Example:
     64
 """
 
+from gwq_compile.backend import CalibrationData, backend  # the function shadows the module name on purpose
 from gwq_compile.config import GWQConfig
 from gwq_compile.data import calibration_tokens
 from gwq_compile.quantize import gwq_filter, quantize_
@@ -21,8 +22,10 @@ from gwq_compile.serialization import load_quantized, save_quantized
 from gwq_compile.tensor import GWQTensor
 
 __all__ = [
+    "CalibrationData",
     "GWQConfig",
     "GWQTensor",
+    "backend",
     "calibration_tokens",
     "gwq_filter",
     "load_quantized",

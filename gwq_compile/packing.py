@@ -280,10 +280,15 @@ def outliers_to_csr(weight: torch.Tensor, outlier_mask: torch.Tensor) -> tuple[t
     return row_ptr, cols.to(index_dtype), values.to(OUTLIER_DTYPE)
 
 
-def csr_rows(outlier_row_ptr: torch.Tensor) -> torch.Tensor:
-    """Row index of every CSR entry (int64 ``[nnz]``)."""
+def csr_rows(outlier_row_ptr: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
+    """Row index of every CSR entry (int64 ``[nnz]``).
+
+    Pass ``nnz`` (the number of outliers) whenever it is known: with it the output size is
+    static, which lets fake tensors trace the op's backward under torch.compile.
+    """
     counts = outlier_row_ptr[1:].long() - outlier_row_ptr[:-1].long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=outlier_row_ptr.device), counts)
+    rows = torch.arange(counts.numel(), device=outlier_row_ptr.device)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)
 
 
 def csr_to_dense(
@@ -294,13 +299,13 @@ def csr_to_dense(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     dense = torch.zeros(shape, dtype=dtype, device=outlier_values.device)
-    dense[csr_rows(outlier_row_ptr), outlier_col_idx.long()] = outlier_values.to(dtype)
+    dense[csr_rows(outlier_row_ptr, outlier_values.numel()), outlier_col_idx.long()] = outlier_values.to(dtype)
     return dense
 
 
 def csr_to_mask(outlier_row_ptr: torch.Tensor, outlier_col_idx: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     mask = torch.zeros(shape, dtype=torch.bool, device=outlier_col_idx.device)
-    mask[csr_rows(outlier_row_ptr), outlier_col_idx.long()] = True
+    mask[csr_rows(outlier_row_ptr, outlier_col_idx.numel()), outlier_col_idx.long()] = True
     return mask
 
 
@@ -347,7 +352,7 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype = torch.float32) 
     """Dense ``[N, K]`` weight: dequantized codes plus the scattered fp16 outliers."""
     codes = unpack_codes(packed.packed_codes, packed.bits, packed.in_features)
     w = dequantize_codes(codes, packed.group_scales, packed.group_zeros, packed.group_size, torch.float32)
-    rows = csr_rows(packed.outlier_row_ptr)
+    rows = csr_rows(packed.outlier_row_ptr, packed.outlier_values.numel())
     w[rows, packed.outlier_col_idx.long()] += packed.outlier_values.float()
     return w.to(dtype)
 

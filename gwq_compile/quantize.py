@@ -31,7 +31,7 @@ from gwq_compile import calibration, packing
 from gwq_compile.config import GWQConfig
 from gwq_compile.tensor import GWQTensor
 
-_NAME_ATTR = "_gwq_name"
+NAME_ATTR = "_gwq_name"
 
 
 # ----------------------------------------------------------------------------- outlier selection
@@ -79,7 +79,7 @@ def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GW
 
 
 def _name(module: torch.nn.Module) -> str:
-    return getattr(module, _NAME_ATTR, None) or f"Linear({module.in_features}->{module.out_features})"
+    return getattr(module, NAME_ATTR, None) or f"Linear({module.in_features}->{module.out_features})"
 
 
 def prepare_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
@@ -181,7 +181,7 @@ def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.
 
     def _filter(module: torch.nn.Module, fqn: str) -> bool:
         if id(module) in chosen:
-            setattr(module, _NAME_ATTR, chosen[id(module)])
+            setattr(module, NAME_ATTR, chosen[id(module)])
             return True
         return False
 
@@ -218,13 +218,13 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         for name, mod in targets:
-            setattr(mod, _NAME_ATTR, name)
+            setattr(mod, NAME_ATTR, name)
             prepare_linear(mod, config)
         if config.step == "prepare":
             model._gwq_snapshot = snapshot  # restored by convert
             return
         calibration.run_calibration(model, calibration_data, backward=config.needs_gradients, progress=config.progress)
-        _convert_targets(model, targets, config)
+        convert_targets(model, targets, config)
     except BaseException:
         for _, mod in targets:
             calibration.release_weight(mod.weight)
@@ -234,7 +234,7 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
             calibration.restore(model, snapshot)
 
 
-def _convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], config: GWQConfig) -> None:
+def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Linear]], config: GWQConfig) -> None:
     prepared = [(n, m) for n, m in targets if isinstance(m.weight, GWQTensor) or calibration.layer_state(m.weight) is not None]
     if not prepared:
         raise ValueError("convert without prepare: no layer holds GWQ calibration state; run step='prepare' and a backward pass first")
@@ -247,7 +247,7 @@ def _convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.L
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
         convert_linear(mod, config)
     for _, mod in prepared:  # drop the tied-weight bookkeeping left on old parameters
-        mod.__dict__.pop(_NAME_ATTR, None)
+        mod.__dict__.pop(NAME_ATTR, None)
     model._gwq_config = config.replace(step=None)
 
 
@@ -258,7 +258,7 @@ def _convert_model(model: torch.nn.Module, config: GWQConfig) -> None:
         return
     snapshot = model.__dict__.pop("_gwq_snapshot", None)
     try:
-        _convert_targets(model, targets, config)
+        convert_targets(model, targets, config)
     finally:
         if snapshot is not None:
             calibration.restore(model, snapshot)

@@ -1,0 +1,172 @@
+"""Annotate: attach each captured linear's calibration result to its node.
+
+For every :class:`~gwq_compile.passes.capture.LinearSite` whose weight input is a weight
+the calibrate stage quantized (matched by the identity of the real tensor the graph
+receives), ``node.meta["gwq"]`` gets a :class:`GWQAnnotation`: the packed weight, whose
+CSR fields are the outlier mask and whose ``group_scales``/``group_zeros`` are the
+quantization grid.  Nothing in the graph changes here; :mod:`~gwq_compile.passes.rewrite`
+acts on the annotations.
+
+Sites that are left alone, and why, are counted in ``counters["gwq"]``:
+``linear_skipped`` (the weight is not a quantized target, e.g. ``lm_head``),
+``linear_prequantized`` (the weight already is a ``GWQTensor``: Dynamo traced the quantized
+module, the op in the graph already dispatches to ``torch.ops.gwq.linear``).
+
+Example:
+    >>> import torch, weakref
+    >>> from gwq_compile import GWQConfig
+    >>> from gwq_compile.passes import ModelQuantization, QuantizedLayer, annotate_linears, capture_linears
+    >>> from gwq_compile.tensor import GWQTensor
+    >>> lin = torch.nn.Linear(32, 16)
+    >>> gm = torch.fx.symbolic_trace(lin)
+    >>> mask = lin.weight.detach().abs() > 0.17
+    >>> packed = GWQTensor.from_float(lin.weight.detach(), mask, bits=4, group_size=32)
+    >>> quant = ModelQuantization(GWQConfig(), {id(lin.weight): QuantizedLayer("lin", packed, "out_in", weakref.ref(lin.weight))})
+    >>> [site] = annotate_linears(gm, capture_linears(gm), [], quant)
+    >>> site.node.meta["gwq"].name, torch.equal(site.node.meta["gwq"].outlier_mask(), mask)
+    ('lin', True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from gwq_compile.passes.calibrate import ModelQuantization
+from gwq_compile.passes.capture import LAYOUT_IN_OUT, LAYOUT_OUT_IN, LinearSite, meta_value, weights_with_other_uses
+from gwq_compile.tensor import GWQTensor
+
+META_KEY = "gwq"
+
+
+@dataclass(frozen=True)
+class GWQAnnotation:
+    """``node.meta["gwq"]`` of a linear that will be quantized.
+
+    Attributes:
+        name: the layer's module name.
+        weight: the packed ``[out_features, in_features]`` weight (``GWQTensor``).
+        layout: the dense weight's layout in the graph, ``"out_in"`` or ``"in_out"`` (Conv1D).
+    """
+
+    name: str
+    weight: GWQTensor
+    layout: str
+
+    @property
+    def bits(self) -> int:
+        return self.weight.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.weight.group_size
+
+    @property
+    def group_scales(self) -> torch.Tensor:
+        """fp16 ``[out, groups]``: the grid's scales."""
+        return self.weight.group_scales
+
+    @property
+    def group_zeros(self) -> torch.Tensor:
+        """uint8 ``[out, groups]``: the grid's zero points."""
+        return self.weight.group_zeros
+
+    def outlier_mask(self) -> torch.Tensor:
+        """Bool ``[out, in]``, True at the fp16 outliers (built on demand from the CSR fields)."""
+        return self.weight.outlier_mask()
+
+
+def input_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]) -> Any:
+    """The real tensor a placeholder or get_attr node stands for (None if unknown).
+
+    Placeholders line up with ``example_inputs``; Dynamo also keeps the real value in
+    ``meta["grapharg"]``, used when the example inputs are fake.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if node.op == "get_attr":
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj
+    if node.op != "placeholder":
+        return None
+    index = next(i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if n is node)
+    value = example_inputs[index] if index < len(example_inputs) else None
+    if value is None or isinstance(value, FakeTensor):
+        grapharg = node.meta.get("grapharg")
+        value = getattr(grapharg, "example", None) if grapharg is not None else None
+    return value
+
+
+def _skip(site: LinearSite, value: Any, quant: ModelQuantization) -> Optional[str]:
+    """Why ``site`` is not quantized (a counter name), or None if it is."""
+    if isinstance(value, GWQTensor):
+        return "linear_prequantized"
+    layer = quant.lookup(value)
+    if layer is None:
+        return "linear_skipped"
+    if layer.layout != site.layout or tuple(layer.weight.shape) != (site.out_features, site.in_features):
+        return "linear_skipped"  # the weight is read in another orientation than it was calibrated in
+    if _dtype_changes(site):
+        return "linear_skipped"  # e.g. autocast: gwq.linear returns the input's dtype
+    return None
+
+
+def _dtype_changes(site: LinearSite) -> bool:
+    x_val, out_val = meta_value(site.x), meta_value(site.node)
+    return isinstance(x_val, torch.Tensor) and isinstance(out_val, torch.Tensor) and x_val.dtype != out_val.dtype
+
+
+def unquantizable_weights(
+    gm: fx.GraphModule, sites: list[LinearSite], example_inputs: Sequence[Any], model: torch.nn.Module
+) -> frozenset[int]:
+    """``id()`` of the model weights this graph needs dense, decided before calibration.
+
+    A weight stays dense when the graph reads it other than through a captured linear,
+    through a linear in another orientation than its module's (``[out, in]`` for
+    nn.Linear, ``[in, out]`` for Conv1D), or through a linear whose output dtype differs
+    from its input's (autocast): ``torch.ops.gwq.linear`` could not replace that read.
+    """
+    layouts: dict[int, str] = {}
+    for mod in model.modules():
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, torch.nn.Linear):
+            layouts[id(weight)] = LAYOUT_OUT_IN
+        elif type(mod).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            layouts[id(weight)] = LAYOUT_IN_OUT
+    dense = {id(input_value(gm, node, example_inputs)) for node in weights_with_other_uses(sites)}
+    for site in sites:
+        key = id(input_value(gm, site.weight, example_inputs))
+        if key in layouts and (layouts[key] != site.layout or _dtype_changes(site)):
+            dense.add(key)
+    return frozenset(dense)
+
+
+def annotate_linears(
+    gm: fx.GraphModule, sites: list[LinearSite], example_inputs: Sequence[Any], quant: ModelQuantization
+) -> list[LinearSite]:
+    """Write ``node.meta["gwq"]`` for every site whose weight was quantized; return those sites.
+
+    Counts ``linear_annotated``, ``linear_skipped`` and ``linear_prequantized`` in
+    ``counters["gwq"]``.
+
+    Example:
+        >>> annotated = annotate_linears(gm, capture_linears(gm), example_inputs, quant)  # doctest: +SKIP
+    """
+    annotated = []
+    for site in sites:
+        value = input_value(gm, site.weight, example_inputs)
+        reason = _skip(site, value, quant)
+        if reason is not None:
+            counters["gwq"][reason] += 1
+            continue
+        layer = quant.lookup(value)
+        site.node.meta[META_KEY] = GWQAnnotation(layer.name, layer.weight, layer.layout)
+        annotated.append(site)
+    counters["gwq"]["linear_annotated"] += len(annotated)
+    return annotated

@@ -1,0 +1,473 @@
+"""Calibrate: gradient saliency of every target weight, once per model, from the whole-model loss.
+
+The backend only ever sees subgraphs, but GWQ's saliency is ``|dL/dW|`` of the *whole
+model's* loss: a graph break must not turn one loss into two.  So this stage works on
+the original ``nn.Module``, not on the graph:
+
+* :func:`find_model_call` finds the module being compiled (and the arguments of the
+  current call) on the Python call stack: the innermost ``OptimizedModule`` (what
+  ``torch.compile(model)`` returns) or module compiled in place with ``model.compile()``.
+* :func:`calibrate_model` runs the same prepare / forward+backward / convert steps as
+  eager :func:`gwq_compile.quantize_` (the same functions, in the same order), so the
+  outlier masks and packed weights are identical to eager GWQ.  ``nn.Linear`` weights are
+  swapped for their ``GWQTensor`` parameters (the dense ones are freed), HF ``Conv1D``
+  weights (``[in, out]``, which ``GWQTensor`` cannot stand in for inside ``Conv1D.forward``)
+  are packed transposed and their dense storage is released.
+* The result is registered per model (weakly), so later subgraphs, graph breaks and
+  recompiles reuse it: calibration never runs twice for one model.
+
+Without calibration data the first call's own inputs are used (a warning says so):
+next-token cross-entropy when the output holds LM logits over token-id inputs, else
+``0.5 * mean(output ** 2)``.  Its gradient with respect to the output is the output itself
+(scaled by ``1 / numel``), so back-propagating it asks "how much does each weight drive
+the output this model actually produces": a label-free, first-order output-sensitivity
+score.  The mean rather than the sum keeps the gradients in fp16/bf16 range and the
+saliency scale independent of batch and sequence length (the top-k selection is
+scale-invariant anyway).
+
+Example:
+    >>> import torch
+    >>> from gwq_compile import GWQConfig
+    >>> from gwq_compile.passes.calibrate import calibrate_model
+    >>> model = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.Linear(32, 50))
+    >>> cfg = GWQConfig(bits=4, group_size=32, skip_modules=(), skip_output_embeddings=False, progress=False)
+    >>> quant = calibrate_model(model, cfg, torch.randint(0, 50, (1, 16)))
+    >>> sorted(quant.names()), type(model[1].weight).__name__
+    (['1'], 'GWQTensor')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from torch._dynamo.utils import counters
+from torch.utils import _pytree as pytree
+
+from gwq_compile import calibration, quantize
+from gwq_compile.config import GWQConfig
+from gwq_compile.eval import logits_of, next_token_nll
+from gwq_compile.passes.capture import LAYOUT_IN_OUT, LAYOUT_OUT_IN
+from gwq_compile.tensor import GWQTensor
+
+# ----------------------------------------------------------------------------- finding the model
+
+
+@dataclass
+class ModelCall:
+    """The module being compiled and the arguments of the call that triggered compilation."""
+
+    model: torch.nn.Module
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def _frame_call(frame: Any) -> Optional[ModelCall]:
+    if frame.f_code.co_name not in ("__call__", "_wrapped_call_impl"):
+        return None
+    local = frame.f_locals
+    owner = local.get("self")
+    args, kwargs = local.get("args", ()), local.get("kwargs", {})
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        return None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(owner, OptimizedModule):
+        return ModelCall(owner._orig_mod, args, dict(kwargs))
+    if isinstance(owner, torch.nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
+        return ModelCall(owner, args, dict(kwargs))  # model.compile(): compiled in place
+    return None
+
+
+def find_model_call(model: Optional[torch.nn.Module] = None) -> Optional[ModelCall]:
+    """The innermost compiled module on the call stack (or the call of ``model``), with its arguments.
+
+    Dynamo calls the backend synchronously, while the user's ``compiled_model(...)`` call
+    is still on the stack, so this works for the first graph, for every graph after a
+    graph break and for every recompile.  Calling a compiled *function* that uses the
+    model leaves no such frame: pass ``model=`` to :func:`gwq_compile.backend` then.
+
+    Example:
+        >>> find_model_call() is None   # not inside a compiled module's call
+        True
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        call = _frame_call(frame)
+        if call is not None and (model is None or call.model is model):
+            return call
+        frame = frame.f_back
+    return None
+
+
+# ----------------------------------------------------------------------------- per-model result
+
+
+@dataclass
+class QuantizedLayer:
+    """One calibrated and packed weight.
+
+    Attributes:
+        name: module name in the model.
+        weight: the packed ``[out_features, in_features]`` weight (``GWQTensor``).
+        layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (HF Conv1D: the dense weight was ``[in, out]``).
+        dense: weak reference to the dense parameter the graphs receive (identity key).
+    """
+
+    name: str
+    weight: GWQTensor
+    layout: str
+    dense: weakref.ReferenceType
+
+    @property
+    def outlier_mask(self) -> torch.Tensor:
+        """Bool ``[out_features, in_features]``: the weights kept as fp16 outliers."""
+        return self.weight.outlier_mask()
+
+
+@dataclass
+class ModelQuantization:
+    """What calibration produced for one model; shared by all of its subgraphs and recompiles."""
+
+    config: GWQConfig
+    layers: dict[int, QuantizedLayer] = field(default_factory=dict)
+    calibration_loss: str = "none"
+
+    def lookup(self, tensor: Any) -> Optional[QuantizedLayer]:
+        """The layer whose dense weight is ``tensor`` (by identity), or None."""
+        layer = self.layers.get(id(tensor))
+        return layer if layer is not None and layer.dense() is tensor else None
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers.values()]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{layer name: outlier mask}`` (``[out, in]`` bool), e.g. to compare with eager GWQ."""
+        return {layer.name: layer.outlier_mask for layer in self.layers.values()}
+
+
+_MODELS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelQuantization]" = weakref.WeakKeyDictionary()
+
+
+_RUNNING: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models being calibrated right now
+
+
+def model_quantization(model: torch.nn.Module) -> Optional[ModelQuantization]:
+    """The calibration result registered for ``model`` (by the backend), or None."""
+    return _MODELS.get(model)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def conv1d_targets(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Module]]:
+    """HF ``Conv1D`` modules (``weight`` ``[in, out]``, ``nf`` outputs) GWQ quantizes, after the skip rules.
+
+    Matched by duck type so this package does not import transformers for it.
+    """
+    targets = []
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if type(mod).__name__ != "Conv1D" or not hasattr(mod, "nf") or not isinstance(weight, torch.nn.Parameter):
+            continue
+        if isinstance(weight, GWQTensor) or weight.dim() != 2 or weight.shape[1] != mod.nf:
+            continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
+            continue
+        targets.append((name, mod))
+    return targets
+
+
+# ----------------------------------------------------------------------------- running the model eagerly
+
+
+@contextlib.contextmanager
+def _not_compiling() -> Iterator[None]:
+    # Recent torch (2.13 here) holds torch.compiler.is_compiling() True for the whole compile
+    # session, backend included, and models (HF among them) take other code paths then.  Calibration must run the
+    # model exactly as eager quantize_ does, so the flag is cleared while it runs.
+    flag = getattr(torch.compiler, "_is_compiling_flag", None)
+    if flag is None:
+        yield
+        return
+    torch.compiler._is_compiling_flag = False
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = flag
+
+
+@contextlib.contextmanager
+def eager_context() -> Iterator[None]:
+    """Run real eager PyTorch from inside a Dynamo backend call.
+
+    No fake mode, no tracing context, gradients allowed (even if the compiled model was
+    called under ``no_grad`` or ``inference_mode``), and ``is_compiling()`` False.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(unset_fake_temporarily())
+        stack.enter_context(torch._guards.tracing(None))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(_not_compiling())
+        yield
+
+
+@contextlib.contextmanager
+def _uncompiled(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` (and any submodule) without the compiled call ``Module.compile()`` installs.
+
+    Calibration runs the model from inside the backend; a module compiled in place would
+    send that call straight back into torch.compile (and this backend) otherwise.
+    """
+    compiled = {m: m._compiled_call_impl for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    for m in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled.items():
+            m._compiled_call_impl = impl
+
+
+def _clone_inputs(tree: Any) -> Any:
+    # Inputs created under inference_mode cannot be saved for backward: clone them outside it.
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_inference() else t, tree)
+
+
+def _token_ids(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not ids.is_complex() and ids.dim() == 2 and ids.shape[-1] >= 2:
+        return ids
+    return None
+
+
+def self_supervised_loss(output: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, str]:
+    """The loss used when no calibration data is given, and its name.
+
+    Next-token cross-entropy when ``output`` holds logits ``[B, T, V]`` over token ids
+    ``[B, T]`` (``input_ids`` or the first positional argument); otherwise
+    ``0.5 * mean(y ** 2)`` over the floating tensors of the output (see the module
+    docstring for why).
+
+    Example:
+        >>> import torch
+        >>> loss, kind = self_supervised_loss(torch.ones(2, 3), (torch.randn(2, 4),), {})
+        >>> kind, float(loss)
+        ('output_energy', 0.5)
+    """
+    ids = _token_ids(args, kwargs)
+    try:
+        logits = logits_of(output)
+    except TypeError:
+        logits = None
+    if ids is not None and isinstance(logits, torch.Tensor) and logits.is_floating_point():
+        if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(ids.shape):
+            return next_token_nll(logits, ids), "next_token"
+    outputs = [logits] if isinstance(logits, torch.Tensor) and logits.is_floating_point() else [
+        t
+        for t in pytree.tree_leaves(output)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and (t.requires_grad or not torch.is_grad_enabled())
+    ]
+    if not outputs:
+        raise ValueError(
+            "the gwq backend cannot calibrate on the first call: the model's output has no floating-point tensor; "
+            "pass calibration_data in the options"
+        )
+    energy = sum(t.float().square().sum() for t in outputs) / sum(t.numel() for t in outputs)
+    return 0.5 * energy, "output_energy"
+
+
+def _calibrate_on_call(model: torch.nn.Module, call: ModelCall, config: GWQConfig) -> str:
+    args, kwargs = _clone_inputs(call.args), _clone_inputs(call.kwargs)
+    with torch.set_grad_enabled(config.needs_gradients):
+        loss, kind = self_supervised_loss(model(*args, **kwargs), args, kwargs)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the first-call calibration loss ({kind}) is {loss.item()}: check the model and its inputs")
+        if config.needs_gradients:
+            loss.backward()
+    return kind
+
+
+# ----------------------------------------------------------------------------- converting HF Conv1D
+
+
+def _convert_conv1d(module: torch.nn.Module, name: str, config: GWQConfig) -> Optional[GWQTensor]:
+    """Pack a calibrated Conv1D weight as ``[out, in]``; the same selection and packing as nn.Linear."""
+    weight = module.weight
+    state = calibration.layer_state(weight)
+    if state is None:
+        return None
+    if (config.needs_gradients and state.n_backward == 0) or (config.needs_hessian and state.hessian is None):
+        calibration.release_weight(weight)
+        warnings.warn(f"layer {name!r} received no gradient during calibration; it stays unquantized", stacklevel=4)
+        return None
+    w_out_in = weight.detach().t().contiguous()
+    saliency = quantize.layer_saliency(w_out_in, state, config)
+    if config.saliency != "hessian":
+        saliency = saliency.t()  # gradients have the weight's [in, out] shape
+    calibration.check_finite(saliency, "the saliency", name)
+    mask = quantize.select_outliers(saliency.contiguous(), config.outlier_ratio, config.outlier_scope)
+    try:
+        packed = quantize.quantize_weight(w_out_in, mask, config, state.hessian)
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from err
+    calibration.release_weight(weight)
+    return packed
+
+
+def release_dense_storage(param: torch.Tensor) -> bool:
+    """Free the memory of a dense weight but keep its Python object, shape and strides.
+
+    Dynamo's guards check a parameter's metadata, not its storage, so the compiled graphs
+    (which no longer read it) keep running without a recompile.  Refused (False) when
+    the storage is shared with other tensors or cannot be resized (e.g. memory-mapped).
+    """
+    storage = param.untyped_storage()
+    if param.storage_offset() != 0 or storage.nbytes() != param.numel() * param.element_size():
+        return False
+    try:
+        storage.resize_(0)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _check_same_config(model: torch.nn.Module, done: GWQConfig, config: GWQConfig) -> None:
+    ignore = {"progress"}
+    diff = {f.name for f in dataclasses.fields(GWQConfig) if f.name not in ignore and getattr(done, f.name) != getattr(config, f.name)}
+    if diff:
+        raise ValueError(
+            f"{type(model).__name__} was already quantized by the gwq backend with different settings "
+            f"({', '.join(f'{k}={getattr(done, k)!r}' for k in sorted(diff))}); a model is calibrated once"
+        )
+
+
+def calibrate_model(
+    model: torch.nn.Module,
+    config: GWQConfig,
+    calibration_data: Any = None,
+    call: Optional[ModelCall] = None,
+    exclude: frozenset[int] = frozenset(),
+) -> ModelQuantization:
+    """Calibrate and quantize ``model`` once; later calls return the registered result.
+
+    Args:
+        model: the whole model (not a subgraph).
+        config: a one-shot :class:`GWQConfig` (``step=None``).
+        calibration_data: as for :func:`gwq_compile.quantize_`; None calibrates on ``call``.
+        call: the model call whose inputs self-calibration uses.
+        exclude: ``id()`` of weights to leave dense (see ``annotate.unquantizable_weights``).
+
+    Counts ``counters["gwq"]["calibrations"]`` and ``["layers_calibrated"]``.
+
+    Example:
+        >>> import torch
+        >>> from gwq_compile import GWQConfig
+        >>> lin = torch.nn.Linear(32, 8)
+        >>> cfg = GWQConfig(group_size=32, skip_modules=(), progress=False)
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")   # "calibrated on its first call's inputs"
+        ...     q = calibrate_model(lin, cfg, call=ModelCall(lin, (torch.randn(4, 32),)))
+        >>> q.calibration_loss, type(lin.weight).__name__
+        ('output_energy', 'GWQTensor')
+    """
+    done = _MODELS.get(model)
+    if done is not None:
+        _check_same_config(model, done.config, config)
+        return done
+    if calibration_data is None and call is None:
+        raise ValueError(
+            "the gwq backend needs calibration data: pass options={'calibration_data': token_ids} "
+            "or gwq_compile.backend(config, calibration_data=...)"
+        )
+    if model in _RUNNING:
+        raise RuntimeError(f"{type(model).__name__} was compiled again while the gwq backend was calibrating it")
+    _RUNNING.add(model)
+    try:
+        with eager_context(), _uncompiled(model):
+            result = torch._dynamo.disable(_calibrate)(model, config, calibration_data, call, exclude)
+    finally:
+        _RUNNING.discard(model)
+    _MODELS[model] = result
+    counters["gwq"]["calibrations"] += 1
+    counters["gwq"]["layers_calibrated"] += len(result.layers)
+    return result
+
+
+def _calibrate(
+    model: torch.nn.Module, config: GWQConfig, calibration_data: Any, call: Optional[ModelCall], exclude: frozenset[int]
+) -> ModelQuantization:
+    all_linears, all_convs = quantize.target_linears(model, config), conv1d_targets(model, config)
+    for name, mod in all_linears + all_convs:
+        if id(mod.weight) in exclude:
+            warnings.warn(
+                f"layer {name!r}: the graph reads its weight other than through a linear gwq.linear can replace; it stays unquantized",
+                stacklevel=4,
+            )
+    linears = [(n, m) for n, m in all_linears if id(m.weight) not in exclude]
+    convs = [(n, m) for n, m in all_convs if id(m.weight) not in exclude]
+    result = ModelQuantization(config)
+    if not linears and not convs:
+        if not any(isinstance(p, GWQTensor) for p in model.parameters()):  # quiet for an already-quantized model
+            warnings.warn("the gwq backend found no linear layer to quantize; the model is compiled unquantized", stacklevel=4)
+        return result
+    dense = {name: mod.weight for name, mod in linears + convs}
+    snapshot = calibration.snapshot_and_freeze(model)
+    try:
+        # The same preparation, loss and conversion as eager quantize_ (same order), so the
+        # masks and packed weights are identical to eager GWQ on the same data.
+        for name, mod in linears:
+            setattr(mod, quantize.NAME_ATTR, name)
+            quantize.prepare_linear(mod, config)
+        for name, mod in convs:
+            calibration.prepare_weight(mod, name, config)
+        if calibration_data is not None:
+            calibration.run_calibration(model, calibration_data, backward=config.needs_gradients, progress=config.progress)
+            result.calibration_loss = "next_token"
+        else:
+            result.calibration_loss = _calibrate_on_call(model, call, config)
+            warnings.warn(
+                f"gwq backend: no calibration_data given; calibrated {type(model).__name__} on its first call's inputs "
+                f"with the {result.calibration_loss!r} loss (pass options={{'calibration_data': ...}} for real GWQ)",
+                stacklevel=4,
+            )
+        _check_some_gradient(linears + convs, config)
+        if linears:
+            quantize.convert_targets(model, linears, config)
+        packed_convs = {name: _convert_conv1d(mod, name, config) for name, mod in convs}
+    except BaseException:
+        for _, mod in linears + convs:
+            calibration.release_weight(mod.weight)
+        raise
+    finally:
+        calibration.restore(model, snapshot)
+    for name, mod in linears:
+        if isinstance(mod.weight, GWQTensor):
+            result.layers[id(dense[name])] = QuantizedLayer(name, mod.weight, LAYOUT_OUT_IN, weakref.ref(dense[name]))
+    for name, mod in convs:
+        if packed_convs[name] is not None:
+            result.layers[id(dense[name])] = QuantizedLayer(name, packed_convs[name], LAYOUT_IN_OUT, weakref.ref(dense[name]))
+            if not release_dense_storage(mod.weight):
+                warnings.warn(f"layer {name!r}: its dense weight shares storage with other tensors and is kept in memory", stacklevel=4)
+    return result
+
+
+def _check_some_gradient(targets: list[tuple[str, torch.nn.Module]], config: GWQConfig) -> None:
+    if not config.needs_gradients:
+        return
+    states = [calibration.layer_state(m.weight) for _, m in targets]
+    if all(s is None or s.n_backward == 0 for s in states):
+        raise ValueError("no layer received a gradient during calibration: is the model's output connected to its linear layers?")
