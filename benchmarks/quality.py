@@ -1,0 +1,534 @@
+"""Quality benchmark: GWQ vs RTN, GPTQ, AWQ and torchao Intx on SmolLM2-135M (fp32, CPU).
+
+Every method quantizes the same decoder linears (every ``nn.Linear`` but the tied
+output head) of the same model, is timed around its quantization call (calibration
+included), and is evaluated on the same WikiText-2 **test** windows (standard protocol,
+:mod:`gwq_compile.eval`).  Calibration windows come from WikiText-2 **validation**
+(``data.calibration_tokens(tok, "wikitext2", n, seqlen, seed=0)``); nothing is ever tuned
+on test windows.  Bits per weight are honest: codes + scales + zeros + outlier values +
+outlier indices (CSR row pointers included), over the quantized weights.
+
+Methods (``--methods``):
+    fp           the unquantized fp32 model
+    rtn          round-to-nearest on the GWQ grid (asymmetric, groups along K)
+    gptq         GPTQ, damp 0.01, sequential layer by layer, ``--gptq-samples`` windows
+    awq          AWQ scale search + folding (ours), then RTN; ``--awq-samples`` x ``--awq-seqlen``
+    ao_affine    torchao IntxWeightOnlyConfig, asymmetric affine qparams, fp16 scales
+    ao_hqq       torchao IntxWeightOnlyConfig, HQQ_SCALE_ONLY, fp16 scales
+    gwq          the paper's setting: |grad| from 1 sample, top ratio per layer in fp16, RTN rest
+    gwq_fisher   saliency sum grad^2            gwq_gradw    saliency |grad * w|
+    gwq_8s       |grad| summed over 8 samples   gwq_row      equal outlier count per row
+    gwq_hessian  outliers by OBS w^2/[H^-1]_jj  gwq_gptq     gwq + GPTQ compensation of the rest
+
+Rows are cached in the JSON results file under a key of every setting that affects
+them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
+pieces.  The JSON is rewritten (atomically) after every row; the Markdown table and the
+plot at the end.
+
+Example (the first subset committed, ~45 min on 2 CPU cores)::
+
+    python benchmarks/quality.py --seqlen 2048 --max-windows 16 \\
+        --rows fp rtn:3:64 gwq:3:64:0.01 gptq:3:64 awq:3:64 rtn:4:128 gwq:4:128:0.01 gptq:4:128 awq:4:128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gwq_compile import data, peers
+from gwq_compile.eval import perplexity_details, write_json_atomic, write_text_atomic
+from gwq_compile.models import load_causal_lm
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASELINES = ("fp", "rtn", "gptq", "awq", "ao_affine", "ao_hqq")
+GWQ_VARIANTS = {
+    # method: (saliency, samples kind, outlier_scope, compensation)
+    "gwq": ("grad", "gwq", "layer", "none"),
+    "gwq_fisher": ("fisher", "gwq", "layer", "none"),
+    "gwq_gradw": ("grad_weight", "gwq", "layer", "none"),
+    "gwq_8s": ("grad", "gwq_many", "layer", "none"),
+    "gwq_row": ("grad", "gwq", "row", "none"),
+    "gwq_hessian": ("hessian", "gwq", "layer", "none"),
+    "gwq_gptq": ("grad", "gwq", "layer", "gptq"),
+}
+METHODS = BASELINES + tuple(GWQ_VARIANTS)
+Q4_1_CAVEAT = (
+    "SmolLM2 weights come from a Q4_1 GGUF (asymmetric 4-bit blocks of 32): a 4-bit g32 grid "
+    "nearly reproduces them, so this point is not a win of any method"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the row itself that changes a result."""
+
+    model: str
+    seqlen: int
+    max_windows: int | None
+    calib_seqlen: int
+    gwq_samples: int
+    gwq_many_samples: int
+    gptq_samples: int
+    awq_samples: int
+    awq_seqlen: int
+    awq_grid: int
+    damp: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration to measure: a method on a grid (``ratio`` only for GWQ methods)."""
+
+    method: str
+    bits: int | None = None
+    group_size: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.method == "fp":
+            if self.bits is not None or self.group_size is not None or self.ratio is not None:
+                raise ValueError("the fp row takes no bits/group/ratio")
+            return
+        if self.bits not in (2, 3, 4) or not self.group_size:
+            raise ValueError(f"{self.method}: needs bits in (2, 3, 4) and a group size, got {self.bits}, {self.group_size}")
+        if (self.method in GWQ_VARIANTS) != (self.ratio is not None):
+            raise ValueError(f"{self.method}: an outlier ratio is required for GWQ methods and refused otherwise")
+
+    @classmethod
+    def parse(cls, text: str) -> "Row":
+        """``fp``, ``rtn:3:64`` or ``gwq:3:64:0.01``."""
+        parts = text.split(":")
+        try:
+            bits = int(parts[1]) if len(parts) > 1 else None
+            group = int(parts[2]) if len(parts) > 2 else None
+            ratio = float(parts[3]) if len(parts) > 3 else None
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"bad row {text!r}: {err}") from err
+        if len(parts) > 4:
+            raise argparse.ArgumentTypeError(f"bad row {text!r}: expected method[:bits:group[:ratio]]")
+        try:
+            return cls(parts[0], bits, group, ratio)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    @property
+    def label(self) -> str:
+        if self.method == "fp":
+            return "fp"
+        tail = f"+{self.ratio * 100:g}%" if self.ratio is not None else ""
+        return f"{self.method} W{self.bits}g{self.group_size}{tail}"
+
+    def calibration(self, s: Settings) -> dict:
+        """The calibration settings this row depends on (part of its cache key)."""
+        if self.method == "gptq":
+            return {"samples": s.gptq_samples, "seqlen": s.calib_seqlen, "damp": s.damp, "sequential": True}
+        if self.method == "awq":
+            return {"samples": s.awq_samples, "seqlen": s.awq_seqlen, "n_grid": s.awq_grid}
+        if self.method in GWQ_VARIANTS:
+            kind = GWQ_VARIANTS[self.method][1]
+            n = s.gwq_samples if kind == "gwq" else s.gwq_many_samples
+            extra = {"damp": s.damp} if self.method in ("gwq_hessian", "gwq_gptq") else {}
+            return {"samples": n, "seqlen": s.calib_seqlen, **extra}
+        return {}
+
+    def key(self, s: Settings) -> str:
+        return json.dumps(
+            {**asdict(self), "model": s.model, "seqlen": s.seqlen, "max_windows": s.max_windows, "calibration": self.calibration(s)},
+            sort_keys=True,
+        )
+
+
+def grid_rows(methods: list[str], bits: list[int], groups: list[int], ratios: list[float]) -> list[Row]:
+    rows: list[Row] = []
+    for method in methods:
+        if method == "fp":
+            rows.append(Row("fp"))
+            continue
+        for b in bits:
+            for g in groups:
+                if method in GWQ_VARIANTS:
+                    rows += [Row(method, b, g, r) for r in ratios]
+                else:
+                    rows.append(Row(method, b, g))
+    return rows
+
+
+# ----------------------------------------------------------------------------- running one row
+
+
+@torch.no_grad()
+def dequantized_twin(model: torch.nn.Module, probe: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """``model`` with every quantized weight replaced by its dequantized dense tensor, and the
+    largest logit difference between the two on ``probe``.
+
+    Why: the CPU reference path of ``torch.ops.gwq.linear`` dequantizes the weight at every
+    call (and torchao's Intx linear does the same), which doubles the cost of a SmolLM2
+    forward on 2 cores.  Dequantizing once gives the same weights, hence the same logits
+    (the probe checks it; the difference is recorded with each row).
+    """
+    from torchao.utils import TorchAOBaseTensor  # GWQTensor and torchao's Intx tensors both derive from it
+
+    twin = copy.deepcopy(model)
+    for name in peers.quantizable_linear_names(twin):
+        linear = twin.get_submodule(name)
+        if isinstance(linear.weight, TorchAOBaseTensor):
+            linear.weight = torch.nn.Parameter(linear.weight.dequantize().to(torch.float32), requires_grad=False)
+    diff = (twin(probe).logits - model(probe).logits).abs().max().item()
+    return twin, diff
+
+
+class Bench:
+    """The loaded model, tokenizer, test ids and calibration windows, shared by all rows."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model, self.tokenizer = load_causal_lm(None if settings.model == "smollm2" else settings.model, torch.float32)
+        self.test_ids = data.tokenize(self.tokenizer, data.wikitext2_text("test"))
+        self._calib: dict[tuple[int, int], torch.Tensor] = {}
+
+    def calibration(self, n: int, seqlen: int) -> torch.Tensor:
+        """``n`` validation windows; for one seqlen the first rows are shared across n (same seed)."""
+        if (n, seqlen) not in self._calib:
+            self._calib[(n, seqlen)] = data.calibration_tokens(self.tokenizer, "wikitext2", n, seqlen, seed=0)
+        return self._calib[(n, seqlen)]
+
+    def quantize(self, row: Row, model: torch.nn.Module) -> dict:
+        """Quantize ``model`` in place for ``row``; returns extra facts to record."""
+        s = self.settings
+        if row.method == "rtn":
+            peers.rtn_quantize_model(model, row.bits, row.group_size)
+        elif row.method == "gptq":
+            calib = self.calibration(s.gptq_samples, s.calib_seqlen)
+            peers.gptq_quantize_model(model, calib, row.bits, row.group_size, damp=s.damp)
+        elif row.method == "awq":
+            peers.awq_quantize_model(model, self.calibration(s.awq_samples, s.awq_seqlen), row.bits, row.group_size, n_grid=s.awq_grid)
+        elif row.method in ("ao_affine", "ao_hqq"):
+            algorithm = "affine" if row.method == "ao_affine" else "hqq_scale_only"
+            peers.torchao_intx_quantize_model(model, row.bits, row.group_size, algorithm)
+        elif row.method in GWQ_VARIANTS:
+            return self._gwq(row, model)
+        return {}
+
+    def _gwq(self, row: Row, model: torch.nn.Module) -> dict:
+        from gwq_compile import GWQConfig, quantization_report, quantize_
+
+        s = self.settings
+        saliency, kind, scope, compensation = GWQ_VARIANTS[row.method]
+        n = s.gwq_samples if kind == "gwq" else s.gwq_many_samples
+        config = GWQConfig(
+            bits=row.bits, group_size=row.group_size, outlier_ratio=row.ratio, saliency=saliency,
+            outlier_scope=scope, compensation=compensation, damp=s.damp, progress=False,
+            clip_search=False,  # plain min/max groups: the same grid as rtn, gptq and awq
+        )  # fmt: skip
+        quantize_(model, config, calibration_data=self.calibration(n, s.calib_seqlen))
+        report = quantization_report(model)
+        return {"core_report_bits_per_weight": report["bits_per_weight"], "outliers": report["outliers"], "gwq_config": config.to_dict()}
+
+    def run(self, row: Row) -> dict:
+        model = copy.deepcopy(self.model)
+        start = time.perf_counter()
+        extra = {} if row.method == "fp" else self.quantize(row, model)
+        quant_seconds = time.perf_counter() - start
+        bits = peers.bits_per_weight(model)
+        if "core_report_bits_per_weight" in extra and not math.isclose(extra["core_report_bits_per_weight"], bits["bits_per_weight"], rel_tol=1e-9):
+            raise RuntimeError(f"{row.label}: bits disagree: core report {extra['core_report_bits_per_weight']}, peers {bits['bits_per_weight']}")
+        dense, probe_diff = dequantized_twin(model, self.test_ids[:, :64])
+        del model
+        start = time.perf_counter()
+        res = perplexity_details(dense, self.test_ids, self.settings.seqlen, self.settings.max_windows, desc=row.label)
+        eval_seconds = time.perf_counter() - start
+        return {
+            "label": row.label,
+            **asdict(row),
+            "calibration": row.calibration(self.settings),
+            "bits_per_weight": bits["bits_per_weight"],
+            "bits_breakdown": {k.removesuffix("_bits_per_weight"): v for k, v in bits.items() if k.endswith("_bits_per_weight") and k != "stored_bits_per_weight"},
+            "stored_bits_per_weight": bits["stored_bits_per_weight"],
+            "quant_seconds": quant_seconds if row.method != "fp" else 0.0,
+            "eval_seconds": eval_seconds,
+            "perplexity": res.perplexity,
+            "nll": res.nll,
+            "n_windows": res.n_windows,
+            "seqlen": res.seqlen,
+            "eval_twin_max_abs_logit_diff": probe_diff,
+            "note": Q4_1_CAVEAT if row.bits == 4 and row.group_size == 32 else "",
+            "measured_at": _now(),
+            **extra,
+        }
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torchao
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torchao": torchao.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by one with fewer (or equal) bits and lower perplexity, sorted by bits.
+
+    Example:
+        >>> pareto_front([(3.0, 20.0), (3.5, 25.0), (4.0, 15.0)])
+        [(3.0, 20.0), (4.0, 15.0)]
+    """
+    front: list[tuple[float, float]] = []
+    for bpw, ppl in sorted(points):
+        if not front or ppl < front[-1][1]:
+            front.append((bpw, ppl))
+    return front
+
+
+def markdown(results: dict, settings: Settings) -> str:
+    rows = [r for r in results["rows"].values() if r["key_settings"] == _eval_settings(settings)]
+    rows.sort(key=lambda r: (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0))
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    rtn = {(r["bits"], r["group_size"]): r for r in rows if r["method"] == "rtn"}
+    lines = [
+        "# Quality: SmolLM2-135M (fp32, CPU), WikiText-2 test perplexity",
+        "",
+        f"Generated {_now()} by `benchmarks/quality.py` (tables and plot rebuilt from the cached rows in `{settings_file_name(results)}`).",
+        "",
+        "Commands run (each adds or reuses rows; see the JSON for per-row timestamps):",
+        "",
+        *[f"    {c}" for c in results["commands"]],
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores ({results['machine']['torch_threads']} torch threads), "
+        f"torch {results['machine']['torch']}, transformers {results['machine']['transformers']}, torchao {results['machine']['torchao']}, "
+        f"Python {results['machine']['python']}.  Machine shared with other jobs: wall times are indicative only.",
+        "",
+        f"Evaluation: seqlen {settings.seqlen}, {'all' if settings.max_windows is None else f'the first {settings.max_windows}'} non-overlapping windows "
+        "of the WikiText-2 raw test split, tokenized once (standard protocol).",
+        f"Calibration (WikiText-2 validation, seed 0, never the test split): GWQ {settings.gwq_samples} x {settings.calib_seqlen} tokens "
+        f"(gwq_8s: {settings.gwq_many_samples}); GPTQ {settings.gptq_samples} x {settings.calib_seqlen} (damp {settings.damp}, sequential layer by layer, "
+        f"dynamic groups, no act-order); AWQ {settings.awq_samples} x {settings.awq_seqlen}, {settings.awq_grid}-point alpha grid, no clipping search.",
+        "Bits/weight: codes + fp16 scales + uint8 zeros + fp16 outlier values + int16 outlier columns + int32 CSR row pointers "
+        "(the row pointers cost 32/K bits even with no outliers), over the 210 quantized linears (the tied lm_head/embedding stays fp32 for every method). "
+        "torchao rows count codes at b bits (torchao keeps them unpacked in int8: `stored bpw`) plus its fp16 scales and int8 zero points "
+        "(HQQ scale-only's zero points are all 0 but stored).",
+        "Quant time: wall seconds of the quantization call (calibration forward/backward, Hessians, search) on the 2-core CPU.",
+        "",
+        "| method | bits | group | outliers | bits/weight | stored bpw | quant time (s) | perplexity | vs fp | vs RTN same grid | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        vs = f"{r['perplexity'] / fp['perplexity']:.2f}x" if fp else ""
+        base = rtn.get((r["bits"], r["group_size"]))
+        vs_rtn = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base and r["method"] != "rtn" and r["method"] != "fp" else ""
+        ratio = "" if r["ratio"] is None else f"{r['ratio'] * 100:g}%"
+        note = "Q4_1 grid: see caveat" if r["note"] else ""
+        lines.append(
+            f"| {r['method']} | {r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['stored_bits_per_weight']:.3f} "
+            f"| {r['quant_seconds']:.1f} | {r['perplexity']:.3f} | {vs} | {vs_rtn} | {note} |"
+        )
+    lines += _comparisons(rows)
+    if any(r["note"] for r in rows):
+        lines += ["", f"Caveat: {Q4_1_CAVEAT}."]
+    others = sorted({json.dumps(r["key_settings"]) for r in results["rows"].values()} - {json.dumps(_eval_settings(settings))})
+    if others:
+        lines += ["", "The JSON also holds rows measured with other evaluation settings (not in this table): " + "; ".join(others)]
+    return "\n".join(lines) + "\n"
+
+
+def _comparisons(rows: list[dict]) -> list[str]:
+    """Sentences computed from the rows: GWQ against RTN on its grid and at similar bits, and against GPTQ's time."""
+    out: list[str] = []
+    by = {(r["method"], r["bits"], r["group_size"], r["ratio"]): r for r in rows}
+    for r in rows:
+        if r["method"] != "gwq" or r["note"]:
+            continue
+        b, g = r["bits"], r["group_size"]
+        rtn = by.get(("rtn", b, g, None))
+        if rtn:
+            cut = 100 * (1 - r["perplexity"] / rtn["perplexity"])
+            verdict = "meets" if cut >= 25 else "misses"
+            out.append(
+                f"- GWQ W{b}g{g}+{r['ratio'] * 100:g}% vs RTN W{b}g{g}: perplexity {r['perplexity']:.2f} vs {rtn['perplexity']:.2f} "
+                f"({cut:.1f}% lower; {verdict} the 25% bar) at {r['bits_per_weight']:.3f} vs {rtn['bits_per_weight']:.3f} bits/weight."
+            )
+        # The RTN row closest in bits (GWQ's outliers cost bits: compare at equal storage too).
+        others = [o for o in rows if o["method"] == "rtn" and o["bits"] == b and not o["note"]]
+        if others:
+            near = min(others, key=lambda o: abs(o["bits_per_weight"] - r["bits_per_weight"]))
+            if near is not rtn:
+                out.append(
+                    f"- At similar storage, GWQ W{b}g{g}+{r['ratio'] * 100:g}% ({r['bits_per_weight']:.3f} bpw) vs RTN W{b}g{near['group_size']} "
+                    f"({near['bits_per_weight']:.3f} bpw): perplexity {r['perplexity']:.2f} vs {near['perplexity']:.2f}."
+                )
+        gptq = by.get(("gptq", b, g, None))
+        if gptq:
+            out.append(
+                f"- Quantization time W{b}g{g}: GWQ {r['quant_seconds']:.0f} s (1 calibration sample, forward + backward) vs GPTQ "
+                f"{gptq['quant_seconds']:.0f} s ({gptq['calibration']['samples']} samples, sequential); perplexity {r['perplexity']:.2f} vs {gptq['perplexity']:.2f}."
+            )
+    return ["", "Comparisons (computed from the rows above):", "", *out] if out else []
+
+
+def settings_file_name(results: dict) -> str:
+    return results.get("json_name", "quality_smollm2.json")
+
+
+def plot(results: dict, settings: Settings, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"].values() if r["key_settings"] == _eval_settings(settings)]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for method in METHODS:
+        pts = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["method"] == method and not r["note"]]
+        if method == "fp" or not pts:
+            continue
+        front = pareto_front(pts)
+        line = ax.plot(*zip(*front), marker="o", label=method)[0]
+        ax.scatter(*zip(*pts), color=line.get_color(), s=12, alpha=0.5)
+        for r in rows:
+            if r["method"] == method and not r["note"]:
+                ax.annotate(f"W{r['bits']}g{r['group_size']}", (r["bits_per_weight"], r["perplexity"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color=line.get_color())  # fmt: skip
+    caveat = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["note"]]
+    if caveat:
+        ax.scatter(*zip(*caveat), marker="x", color="gray", label="4-bit g32 (Q4_1 grid, not a win)")
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    if fp:
+        ax.axhline(fp["perplexity"], color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp['perplexity']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zeros + outliers + indices)")
+    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    win = "all" if settings.max_windows is None else settings.max_windows
+    ax.set_title(f"SmolLM2-135M, seqlen {settings.seqlen}, {win} windows: Pareto front per method")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _eval_settings(s: Settings) -> dict:
+    return {"model": s.model, "seqlen": s.seqlen, "max_windows": s.max_windows}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the wheel's GGUF), a HF folder or a .gguf file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--bits", type=_int_list, default=[2, 3, 4])
+    p.add_argument("--group-sizes", type=_int_list, default=[32, 64, 128])
+    p.add_argument("--ratios", type=_float_list, default=[0.005, 0.01, 0.02])
+    p.add_argument("--rows", nargs="+", type=Row.parse, default=None, help="explicit rows (method[:bits:group[:ratio]]), instead of the grid")
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration windows")
+    p.add_argument("--gwq-samples", type=int, default=1)
+    p.add_argument("--gwq-many-samples", type=int, default=8)
+    p.add_argument("--awq-samples", type=int, default=4)
+    p.add_argument("--awq-seqlen", type=int, default=512)
+    p.add_argument("--awq-grid", type=int, default=20)
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default="quality_smollm2")
+    p.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"quality.py: error: unknown methods {unknown}; choose from {METHODS}", file=sys.stderr)
+        return 2
+    rows = args.rows if args.rows is not None else grid_rows(methods, args.bits, args.group_sizes, args.ratios)
+    settings = Settings(
+        args.model, args.seqlen, args.max_windows, args.calib_seqlen, args.gwq_samples, args.gwq_many_samples,
+        args.calib_samples, args.awq_samples, args.awq_seqlen, args.awq_grid, args.damp,
+    )  # fmt: skip
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.out_dir / f"{args.name}.json"
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {"rows": {}, "commands": []}
+    results["json_name"] = json_path.name
+    results["machine"] = machine_info()
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if command not in results["commands"]:
+        results["commands"].append(command)
+
+    bench = Bench(settings)
+    for i, row in enumerate(rows, 1):
+        key = row.key(settings)
+        if key in results["rows"] and not args.force:
+            cached = results["rows"][key]
+            print(f"[{i}/{len(rows)}] {row.label}: cached ({cached['perplexity']:.3f} ppl)", flush=True)
+            continue
+        print(f"[{i}/{len(rows)}] {row.label} ...", flush=True)
+        record = bench.run(row)
+        record["key_settings"] = _eval_settings(settings)
+        record["command"] = command
+        results["rows"][key] = record
+        write_json_atomic(json_path, results)
+        print(
+            f"[{i}/{len(rows)}] {row.label}: {record['bits_per_weight']:.3f} bpw, quant {record['quant_seconds']:.1f} s, "
+            f"eval {record['eval_seconds']:.1f} s, ppl {record['perplexity']:.3f}",
+            flush=True,
+        )
+    write_json_atomic(json_path, results)
+    write_text_atomic(args.out_dir / f"{args.name}.md", markdown(results, settings))
+    if not args.no_plot:
+        plot(results, settings, args.out_dir / f"{args.name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The ``gwq`` command line: ``gwq eval`` (perplexity) and ``gwq quantize`` (GWQ + save).
+
+Also ``python -m gwq_compile ...``.  Bad input (unknown model path, unreadable GGUF,
+missing data file, seqlen beyond the model's context, ...) ends with a one-line
+``gwq <command>: error: ...`` on stderr and exit status 1, never a traceback
+(``--debug`` shows it).  Results are written only at the end and atomically (temporary
+file or folder, then ``os.replace``), so a failed run leaves nothing partial behind.
+
+Examples (shell)::
+
+    gwq eval --seqlen 2048 --max-windows 16                  # SmolLM2-135M, WikiText-2 test
+    gwq eval --model path/to/hf_dir --dataset c4 --data-file c4-validation.00000-of-00008.json.gz
+    gwq quantize smollm2 --bits 3 --group-size 64 --outlier-ratio 0.01 --out out/smollm2-w3
+    gwq eval --model out/smollm2-w3 --output out/w3.json
+
+Example (Python):
+    >>> from gwq_compile.cli import main
+    >>> main(["eval", "--model", "/no/such/model"])   # doctest: +SKIP
+    1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from gwq_compile import eval as gwq_eval
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Errors that mean "bad input", reported in one line.  Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def is_gwq_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a folder written by ``gwq quantize`` / ``save_quantized`` (it has ``gwq_config.json``)."""
+    from gwq_compile.serialization import MANIFEST_FILE
+
+    return Path(path).is_dir() and (Path(path) / MANIFEST_FILE).is_file()
+
+
+def load_gwq_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a ``gwq quantize`` folder (HF config + tokenizer + GWQ weights).
+
+    Example:
+        >>> model, tok = load_gwq_checkpoint("out/smollm2-w3")   # doctest: +SKIP
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from gwq_compile.serialization import load_quantized
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"GWQ checkpoint {str(path)!r} has no config.json: it was not written by `gwq quantize`, rebuild the model and use load_quantized")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = load_quantized(skeleton, path, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def load_model(model: str | None, dtype: torch.dtype, progress: bool = True):
+    """A GWQ checkpoint folder, a HF folder, a GGUF file, or the default SmolLM2-135M."""
+    from gwq_compile.models import load_causal_lm
+
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own loading bars
+
+    if model is not None and is_gwq_checkpoint(Path(model).expanduser()):
+        return load_gwq_checkpoint(Path(model).expanduser(), dtype)
+    return load_causal_lm(model, dtype)
+
+
+# ----------------------------------------------------------------------------- gwq eval
+
+
+def _machine() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    words = sys.argv[1:] if args.argv is None else args.argv
+    return " ".join(["gwq", *words])
+
+
+def _check_output_path(path: str | None) -> Path | None:
+    """Fail before any work when the results file could not be written."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--output folder {str(out.parent)!r} does not exist")
+    if out.is_dir():
+        raise IsADirectoryError(f"--output {str(out)!r} is a folder; give a file name")
+    return out
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    output = _check_output_path(args.output)
+    # Cheap checks first: the text and the settings, then the (slow) model.
+    text = gwq_eval.load_eval_text(args.dataset, args.data_file, args.loader)
+    gwq_eval.check_window(None, sys.maxsize, args.seqlen, args.max_windows)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], progress=not args.no_progress)
+    limit = gwq_eval.context_length(model)
+    if limit is not None and args.seqlen > limit:
+        raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({limit} tokens)")
+    from gwq_compile.data import tokenize
+
+    ids = tokenize(tokenizer, text)
+    res = gwq_eval.perplexity_details(model, ids, args.seqlen, args.max_windows, progress=not args.no_progress)
+    where = args.data_file or ("datasets hub" if args.loader == "datasets" else "shared data")
+    print(f"{args.dataset} ({where}) perplexity {res.perplexity:.4f}  [seqlen {res.seqlen}, {res.n_windows} windows, {res.n_predicted} predicted tokens]")
+    if output is not None:
+        record = {
+            "command": _command_line(args),
+            "model": args.model or "smollm2",
+            "dtype": args.dtype,
+            "dataset": args.dataset,
+            "data_file": None if args.data_file is None else str(args.data_file),
+            "loader": args.loader,
+            **res.__dict__,
+            "machine": _machine(),
+        }
+        gwq_eval.write_json_atomic(output, record)
+    return 0
+
+
+# ----------------------------------------------------------------------------- gwq quantize
+
+
+def _prepare_out_dir(out: str) -> Path:
+    path = Path(out).expanduser()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"--out {str(path)!r} already exists and is not an empty folder; choose a new one")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out folder's parent {str(path.parent)!r} does not exist")
+    return path
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import gwq_compile
+    from gwq_compile.data import calibration_tokens
+
+    out = _prepare_out_dir(args.out)
+    config = gwq_compile.GWQConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        outlier_ratio=args.outlier_ratio,
+        saliency=args.saliency,
+        outlier_scope=args.outlier_scope,
+        symmetric=args.symmetric,
+        compensation=args.compensation,
+        damp=args.damp,
+        progress=not args.no_progress,
+    )
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], progress=not args.no_progress)
+    limit = gwq_eval.context_length(model)
+    if limit is not None and args.calib_seqlen > limit:
+        raise ValueError(f"--calib-seqlen {args.calib_seqlen} is longer than the model's context ({limit} tokens)")
+    calib = calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
+    gwq_compile.quantize_(model, config, calibration_data=calib)
+    report = gwq_compile.quantization_report(model)
+    # Build the whole checkpoint in a temporary sibling folder, then rename it into place.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        gwq_compile.save_quantized(model, tmp)
+        config_copy = model.config.__class__.from_dict(model.config.to_dict())
+        # GGUF-loaded configs carry a "quantization_config" for the GGUF loader: not ours to keep.
+        if hasattr(config_copy, "quantization_config"):
+            del config_copy.quantization_config
+        config_copy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above); os.replace onto a folder needs it gone
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"quantized {report['quantized_layers']} layers ({report['quantized_weights']} weights) to "
+        f"{report['bits_per_weight']:.4f} bits/weight, {report['outliers']} fp16 outliers -> {out}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gwq", description="GWQ gradient-aware weight quantization: evaluate and quantize causal LMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="perplexity on WikiText-2 test (default) or C4 validation")
+    ev.add_argument("--model", default=None, help="HF model folder, .gguf file, `gwq quantize` output folder, or 'smollm2' (default)")
+    ev.add_argument("--dataset", choices=gwq_eval.DATASETS, default="wikitext2")
+    ev.add_argument("--data-file", default=None, help="local text (wikitext2/text) or JSON-lines (c4) file; default: the shared WikiText-2 test")
+    ev.add_argument("--loader", choices=gwq_eval.LOADERS, default="plain", help="read files directly, or through the `datasets` library")
+    ev.add_argument("--seqlen", type=_positive_int, default=2048)
+    ev.add_argument("--max-windows", type=_positive_int, default=None)
+    ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ev.add_argument("--output", default=None, help="write the result as JSON here (atomically)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=run_eval)
+
+    qz = sub.add_parser("quantize", help="GWQ-quantize a model and save it")
+    qz.add_argument("model", nargs="?", default=None, help="HF model folder, .gguf file, or 'smollm2' (default)")
+    qz.add_argument("--out", required=True, help="new (or empty) folder for the checkpoint")
+    qz.add_argument("--bits", type=int, default=4)
+    qz.add_argument("--group-size", type=int, default=128)
+    qz.add_argument("--outlier-ratio", type=float, default=0.01)
+    qz.add_argument("--saliency", default="grad", help="grad | fisher | grad_weight | hessian")
+    qz.add_argument("--outlier-scope", default="layer", help="layer | row")
+    qz.add_argument("--compensation", default="none", help="none | gptq")
+    qz.add_argument("--symmetric", action="store_true")
+    qz.add_argument("--damp", type=float, default=0.01)
+    qz.add_argument("--calib-data", default="wikitext2", help="'wikitext2' (validation split), 'default', or a text file")
+    qz.add_argument("--calib-samples", type=_positive_int, default=1)
+    qz.add_argument("--calib-seqlen", type=_positive_int, default=2048)
+    qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    qz.add_argument("--no-progress", action="store_true")
+    qz.set_defaults(func=run_quantize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``gwq`` CLI; returns the exit status (0 ok, 1 bad input, 2 bad usage, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"gwq {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gwq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
