@@ -77,12 +77,18 @@ _DOT_W_TILE_PER_THREAD = 64
 # those are decorated for the compiler or the interpreter once, when triton is first
 # imported, and a kernel of the other mode cannot call them.  Keeping to builtins lets
 # the launcher run an interpreted copy of this module on CPU tensors in a process whose
-# triton was imported for the GPU.  Reductions use triton's own combine functions: the
-# interpreter recognises them (by identity) and reduces with numpy.
+# triton was imported for the GPU.
+
+
+# The kernels' source calls these two by these global names.  Compiled, they are this
+# module's own jit functions under those very names: Inductor re-emits a user-defined
+# kernel's jit dependencies by their ``__name__``, so an alias (``_SUM = _add``) would be
+# undefined in its generated code.  Interpreted, they are triton's own combine functions,
+# which the interpreter recognises (by identity) and reduces with numpy.
 
 
 @triton.jit
-def _add_combine(a, b):
+def _sum_combine(a, b):
     return a + b
 
 
@@ -91,8 +97,9 @@ def _max_combine(a, b):
     return tl.maximum(a, b)
 
 
-_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add_combine)
-_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max_combine)
+if not isinstance(_sum_combine, JITFunction):  # decorated for the interpreter
+    _sum_combine = getattr(tl.standard, "_sum_combine", _sum_combine)
+    _max_combine = getattr(tl.standard, "_elementwise_max", _max_combine)
 
 
 @triton.jit
@@ -150,7 +157,7 @@ def _mma(acc, a, w, USE_DOT: tl.constexpr):
         else:
             acc = tl.dot(a, w.to(a.dtype), acc)
     else:
-        acc += tl.reduce(a.to(tl.float32)[:, :, None] * w[None, :, :], 1, _SUM_COMBINE)
+        acc += tl.reduce(a.to(tl.float32)[:, :, None] * w[None, :, :], 1, _sum_combine)
     return acc
 
 
@@ -167,7 +174,7 @@ def _epilogue(
     if HAS_OUTLIERS:
         start = tl.load(row_ptr_ptr + offs_n, mask=mask_n, other=0)
         count = tl.load(row_ptr_ptr + offs_n + 1, mask=mask_n, other=0) - start
-        max_count = tl.reduce(count, 0, _MAX_COMBINE)
+        max_count = tl.reduce(count, 0, _max_combine)
         x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
         for j in range(j_start, max_count, J_STEP):
             valid = j < count
