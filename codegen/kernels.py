@@ -103,12 +103,26 @@ if not isinstance(_sum_combine, JITFunction):  # decorated for the interpreter
 
 
 @triton.jit
-def _unpack_plane(plane_ptrs, offs_k, mask, WIDTH: tl.constexpr):
-    """Codes of one ``WIDTH``-bit plane (int32, same shape as ``offs_k`` broadcast with
-    ``plane_ptrs``): byte ``k // (8 // WIDTH)``, bits ``(k % (8 // WIDTH)) * WIDTH``."""
+def _unpack_plane(row_ptrs, k0, K, mask_n, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of one ``WIDTH``-bit plane for K indices
+    ``k0 .. k0 + BLOCK_K`` (``k0`` a multiple of ``8 // WIDTH``): code ``k`` sits in byte
+    ``k // (8 // WIDTH)`` at bit ``(k % (8 // WIDTH)) * WIDTH``.
+
+    Each byte is loaded once, as a ``[BLOCK_K // PER_BYTE, BLOCK_N]`` tile whose pointers
+    are contiguous along K (so Triton's coalescing pass vectorizes along the packed row),
+    then split into its ``PER_BYTE`` codes and reshaped so that row ``b * PER_BYTE + j``
+    is code ``j`` of byte ``b``.
+    """
     PER_BYTE: tl.constexpr = 8 // WIDTH
-    byte = tl.load(plane_ptrs + offs_k // PER_BYTE, mask=mask, other=0).to(tl.int32)
-    return (byte >> ((offs_k % PER_BYTE) * WIDTH)) & ((1 << WIDTH) - 1)
+    BYTES: tl.constexpr = BLOCK_K // PER_BYTE
+    offs_b = k0 // PER_BYTE + tl.arange(0, BYTES)
+    mask = (offs_b[:, None] * PER_BYTE < K) & mask_n[None, :]
+    byte = tl.load(row_ptrs + offs_b[:, None], mask=mask, other=0).to(tl.int32)
+    if PER_BYTE == 1:
+        return byte
+    shifts = tl.arange(0, PER_BYTE) * WIDTH
+    codes = (byte[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
+    return tl.reshape(codes, (BLOCK_K, byte.shape[1]))
 
 
 @triton.jit
@@ -134,9 +148,11 @@ def _dequant_tile(
     row_ptrs = codes_ptr + offs_n[None, :].to(tl.int64) * stride_cn
     kk = offs_k[:, None]
     if BITS == 3:
-        codes = _unpack_plane(row_ptrs, kk, mask, 2) | (_unpack_plane(row_ptrs + plane1_offset, kk, mask, 1) << 2)
+        codes = _unpack_plane(row_ptrs, k0, K, mask_n, BLOCK_K, 2) | (
+            _unpack_plane(row_ptrs + plane1_offset, k0, K, mask_n, BLOCK_K, 1) << 2
+        )
     else:
-        codes = _unpack_plane(row_ptrs, kk, mask, BITS)
+        codes = _unpack_plane(row_ptrs, k0, K, mask_n, BLOCK_K, BITS)
     if GROUP_SIZE % BLOCK_K == 0:
         g = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -145,7 +161,7 @@ def _dequant_tile(
         g = kk // GROUP_SIZE
         scale = tl.load(scales_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + offs_n[None, :] * stride_zn + g, mask=mask, other=0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+    return tl.where(mask, (codes.to(tl.float32) - zero) * scale, 0.0)
 
 
 @triton.jit
