@@ -11,7 +11,8 @@ outlier indices (CSR row pointers included), over the quantized weights.
 Methods (``--methods``):
     fp           the unquantized fp32 model
     rtn          round-to-nearest on the GWQ grid (asymmetric, groups along K)
-    gptq         GPTQ, damp 0.01, sequential layer by layer, ``--gptq-samples`` windows
+    gptq         GPTQ, damp 0.01, sequential layer by layer, ``--calib-samples`` windows, dynamic groups
+    gptq_act     the same with act-order (columns by decreasing H_jj; static groups)
     awq          AWQ scale search + folding (ours), then RTN; ``--awq-samples`` x ``--awq-seqlen``
     ao_affine    torchao IntxWeightOnlyConfig, asymmetric affine qparams, fp16 scales
     ao_hqq       torchao IntxWeightOnlyConfig, HQQ_SCALE_ONLY, fp16 scales
@@ -51,7 +52,7 @@ from gwq_compile.eval import perplexity_details, write_json_atomic, write_text_a
 from gwq_compile.models import load_causal_lm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BASELINES = ("fp", "rtn", "gptq", "awq", "ao_affine", "ao_hqq")
+BASELINES = ("fp", "rtn", "gptq", "gptq_act", "awq", "ao_affine", "ao_hqq")
 GWQ_VARIANTS = {
     # method: (saliency, samples kind, outlier_scope, compensation)
     "gwq": ("grad", "gwq", "layer", "none"),
@@ -133,8 +134,9 @@ class Row:
 
     def calibration(self, s: Settings) -> dict:
         """The calibration settings this row depends on (part of its cache key)."""
-        if self.method == "gptq":
-            return {"samples": s.gptq_samples, "seqlen": s.calib_seqlen, "damp": s.damp, "sequential": True}
+        if self.method in ("gptq", "gptq_act"):
+            act = {"act_order": True} if self.method == "gptq_act" else {}  # absent for gptq: keeps its cached rows' keys
+            return {"samples": s.gptq_samples, "seqlen": s.calib_seqlen, "damp": s.damp, "sequential": True, **act}
         if self.method == "awq":
             return {"samples": s.awq_samples, "seqlen": s.awq_seqlen, "n_grid": s.awq_grid}
         if self.method in GWQ_VARIANTS:
@@ -210,9 +212,9 @@ class Bench:
         s = self.settings
         if row.method == "rtn":
             peers.rtn_quantize_model(model, row.bits, row.group_size)
-        elif row.method == "gptq":
+        elif row.method in ("gptq", "gptq_act"):
             calib = self.calibration(s.gptq_samples, s.calib_seqlen)
-            peers.gptq_quantize_model(model, calib, row.bits, row.group_size, damp=s.damp)
+            peers.gptq_quantize_model(model, calib, row.bits, row.group_size, damp=s.damp, act_order=row.method == "gptq_act")
         elif row.method == "awq":
             peers.awq_quantize_model(model, self.calibration(s.awq_samples, s.awq_seqlen), row.bits, row.group_size, n_grid=s.awq_grid)
         elif row.method in ("ao_affine", "ao_hqq"):
@@ -337,8 +339,8 @@ def markdown(results: dict, settings: Settings) -> str:
         f"Evaluation: seqlen {settings.seqlen}, {'all' if settings.max_windows is None else f'the first {settings.max_windows}'} non-overlapping windows "
         "of the WikiText-2 raw test split, tokenized once (standard protocol).",
         f"Calibration (WikiText-2 validation, seed 0, never the test split): GWQ {settings.gwq_samples} x {settings.calib_seqlen} tokens "
-        f"(gwq_8s: {settings.gwq_many_samples}); GPTQ {settings.gptq_samples} x {settings.calib_seqlen} (damp {settings.damp}, sequential layer by layer, "
-        f"dynamic groups, no act-order); AWQ {settings.awq_samples} x {settings.awq_seqlen}, {settings.awq_grid}-point alpha grid, no clipping search.",
+        f"(gwq_8s: {settings.gwq_many_samples}); GPTQ {settings.gptq_samples} x {settings.calib_seqlen} (damp {settings.damp}, sequential layer by layer; "
+        f"gptq: dynamic groups, no act-order; gptq_act: act-order, static groups); AWQ {settings.awq_samples} x {settings.awq_seqlen}, {settings.awq_grid}-point alpha grid, no clipping search.",
         "Bits/weight: codes + fp16 scales + uint8 zeros + fp16 outlier values + int16 outlier columns + int32 CSR row pointers "
         "(the row pointers cost 32/K bits even with no outliers), over the 210 quantized linears (the tied lm_head/embedding stays fp32 for every method). "
         "torchao rows count codes at b bits (torchao keeps them unpacked in int8: `stored bpw`) plus its fp16 scales and int8 zero points "
@@ -361,6 +363,9 @@ def markdown(results: dict, settings: Settings) -> str:
     lines += _comparisons(rows)
     if any(r["note"] for r in rows):
         lines += ["", f"Caveat: {Q4_1_CAVEAT}."]
+    skipped = [r for r in results.get("skipped", {}).values() if r["key_settings"] == _eval_settings(settings)]
+    if skipped:
+        lines += ["", "Rows that could not be run:", ""] + [f"- {r['label']}: {r['reason']}" for r in skipped]
     others = sorted({json.dumps(r["key_settings"]) for r in results["rows"].values()} - {json.dumps(_eval_settings(settings))})
     if others:
         lines += ["", "The JSON also holds rows measured with other evaluation settings (not in this table): " + "; ".join(others)]
@@ -513,7 +518,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(rows)}] {row.label}: cached ({cached['perplexity']:.3f} ppl)", flush=True)
             continue
         print(f"[{i}/{len(rows)}] {row.label} ...", flush=True)
-        record = bench.run(row)
+        try:
+            record = bench.run(row)
+        except ValueError as err:  # a configuration the method cannot do (e.g. torchao needs K % group == 0)
+            print(f"[{i}/{len(rows)}] {row.label}: skipped: {err}", flush=True)
+            results.setdefault("skipped", {})[key] = {"label": row.label, "reason": str(err), "key_settings": _eval_settings(settings)}
+            write_json_atomic(json_path, results)
+            continue
         record["key_settings"] = _eval_settings(settings)
         record["command"] = command
         results["rows"][key] = record
