@@ -20,6 +20,7 @@ Methods (``--methods``):
     gwq_fisher   saliency sum grad^2            gwq_gradw    saliency |grad * w|
     gwq_8s       |grad| summed over 8 samples   gwq_row      equal outlier count per row
     gwq_hessian  outliers by OBS w^2/[H^-1]_jj  gwq_gptq     gwq + GPTQ compensation of the rest
+    gwq_gptq_act gwq + act-order GPTQ compensation of the rest
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -62,6 +63,7 @@ GWQ_VARIANTS = {
     "gwq_row": ("grad", "gwq", "row", "none"),
     "gwq_hessian": ("hessian", "gwq", "layer", "none"),
     "gwq_gptq": ("grad", "gwq", "layer", "gptq"),
+    "gwq_gptq_act": ("grad", "gwq", "layer", "gptq_act"),
 }
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 Q4_1_CAVEAT = (
@@ -85,6 +87,7 @@ class Settings:
     awq_seqlen: int
     awq_grid: int
     damp: float
+    eval_split: str = "test"
 
 
 @dataclass(frozen=True)
@@ -142,13 +145,13 @@ class Row:
         if self.method in GWQ_VARIANTS:
             kind = GWQ_VARIANTS[self.method][1]
             n = s.gwq_samples if kind == "gwq" else s.gwq_many_samples
-            extra = {"damp": s.damp} if self.method in ("gwq_hessian", "gwq_gptq") else {}
+            extra = {"damp": s.damp} if self.method in ("gwq_hessian", "gwq_gptq", "gwq_gptq_act") else {}
             return {"samples": n, "seqlen": s.calib_seqlen, **extra}
         return {}
 
     def key(self, s: Settings) -> str:
         return json.dumps(
-            {**asdict(self), "model": s.model, "seqlen": s.seqlen, "max_windows": s.max_windows, "calibration": self.calibration(s)},
+            {**asdict(self), **_eval_settings(s), "calibration": self.calibration(s)},
             sort_keys=True,
         )
 
@@ -198,7 +201,7 @@ class Bench:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model, self.tokenizer = load_causal_lm(None if settings.model == "smollm2" else settings.model, torch.float32)
-        self.test_ids = data.tokenize(self.tokenizer, data.wikitext2_text("test"))
+        self.test_ids = data.tokenize(self.tokenizer, data.wikitext2_text(settings.eval_split))
         self._calib: dict[tuple[int, int], torch.Tensor] = {}
 
     def calibration(self, n: int, seqlen: int) -> torch.Tensor:
@@ -324,7 +327,7 @@ def markdown(results: dict, settings: Settings) -> str:
     fp = next((r for r in rows if r["method"] == "fp"), None)
     rtn = {(r["bits"], r["group_size"]): r for r in rows if r["method"] == "rtn"}
     lines = [
-        "# Quality: SmolLM2-135M (fp32, CPU), WikiText-2 test perplexity",
+        f"# Quality: SmolLM2-135M (fp32, CPU), WikiText-2 {settings.eval_split} perplexity",
         "",
         f"Generated {_now()} by `benchmarks/quality.py` (tables and plot rebuilt from the cached rows in `{settings_file_name(results)}`).",
         "",
@@ -337,7 +340,7 @@ def markdown(results: dict, settings: Settings) -> str:
         f"Python {results['machine']['python']}.  Machine shared with other jobs: wall times are indicative only.",
         "",
         f"Evaluation: seqlen {settings.seqlen}, {'all' if settings.max_windows is None else f'the first {settings.max_windows}'} non-overlapping windows "
-        "of the WikiText-2 raw test split, tokenized once (standard protocol).",
+        f"of the WikiText-2 raw {settings.eval_split} split, tokenized once (standard protocol).",
         f"Calibration (WikiText-2 validation, seed 0, never the test split): GWQ {settings.gwq_samples} x {settings.calib_seqlen} tokens "
         f"(gwq_8s: {settings.gwq_many_samples}); GPTQ {settings.gptq_samples} x {settings.calib_seqlen} (damp {settings.damp}, sequential layer by layer; "
         f"gptq: dynamic groups, no act-order; gptq_act: act-order, static groups); AWQ {settings.awq_samples} x {settings.awq_seqlen}, {settings.awq_grid}-point alpha grid, no clipping search.",
@@ -437,7 +440,7 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
         ax.axhline(fp["perplexity"], color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp['perplexity']:.2f})")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + scales + zeros + outliers + indices)")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
+    ax.set_ylabel(f"WikiText-2 {settings.eval_split} perplexity (log)")
     win = "all" if settings.max_windows is None else settings.max_windows
     ax.set_title(f"SmolLM2-135M, seqlen {settings.seqlen}, {win} windows: Pareto front per method")
     ax.grid(True, which="both", alpha=0.3)
@@ -450,7 +453,8 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
 
 
 def _eval_settings(s: Settings) -> dict:
-    return {"model": s.model, "seqlen": s.seqlen, "max_windows": s.max_windows}
+    split = {} if s.eval_split == "test" else {"eval_split": s.eval_split}  # absent for test: keeps cached keys
+    return {"model": s.model, "seqlen": s.seqlen, "max_windows": s.max_windows, **split}
 
 
 # ----------------------------------------------------------------------------- main
@@ -482,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--awq-seqlen", type=int, default=512)
     p.add_argument("--awq-grid", type=int, default=20)
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument(
+        "--eval-split", choices=["test", "validation"], default="test",
+        help="evaluate on WikiText-2 validation instead of test: for choosing settings without touching the test "
+        "windows (use another --name; calibration windows are drawn from validation too)",
+    )  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default="quality_smollm2")
     p.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
@@ -499,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows if args.rows is not None else grid_rows(methods, args.bits, args.group_sizes, args.ratios)
     settings = Settings(
         args.model, args.seqlen, args.max_windows, args.calib_seqlen, args.gwq_samples, args.gwq_many_samples,
-        args.calib_samples, args.awq_samples, args.awq_seqlen, args.awq_grid, args.damp,
+        args.calib_samples, args.awq_samples, args.awq_seqlen, args.awq_grid, args.damp, args.eval_split,
     )  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{args.name}.json"

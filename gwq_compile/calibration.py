@@ -4,7 +4,7 @@
 post-accumulate-grad hook folds every backward's gradient into the saliency sum and
 clears ``.grad`` right away, so gradients never pile up: only the fp32 saliency
 (one ``[N, K]`` tensor per layer) and one sample's activations are alive at a time.
-When the config needs it (``saliency="hessian"`` or ``compensation="gptq"``) a
+When the config needs it (``saliency="hessian"`` or ``compensation="gptq"`` / ``"gptq_act"``) a
 forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``.
 
 :func:`run_calibration` is the one-shot loop: it freezes every other parameter, runs

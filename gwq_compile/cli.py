@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--outlier-ratio", type=float, default=0.01)
     qz.add_argument("--saliency", default="grad", help="grad | fisher | grad_weight | hessian")
     qz.add_argument("--outlier-scope", default="layer", help="layer | row")
-    qz.add_argument("--compensation", default="none", help="none | gptq")
+    qz.add_argument("--compensation", default="none", choices=["none", "gptq", "gptq_act"], help="error compensation of the non-outliers")
     qz.add_argument("--symmetric", action="store_true")
     qz.add_argument("--damp", type=float, default=0.01)
     qz.add_argument("--calib-data", default="wikitext2", help="'wikitext2' (validation split), 'default', or a text file")

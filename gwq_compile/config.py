@@ -25,7 +25,7 @@ from gwq_compile.packing import SUPPORTED_BITS
 
 SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "hessian")
 SCOPE_CHOICES = ("layer", "row")
-COMPENSATION_CHOICES = ("none", "gptq")
+COMPENSATION_CHOICES = ("none", "gptq", "gptq_act")
 STEP_CHOICES = (None, "prepare", "convert")
 MAX_OUTLIER_RATIO = 0.5
 
@@ -54,7 +54,9 @@ class GWQConfig(AOBaseConfig):
             min/max.  Rounding stays round-to-nearest.
         compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
             (uses the layer-input Hessian from the same calibration passes) instead of
-            round-to-nearest.  Goes beyond the paper.
+            round-to-nearest.  Goes beyond the paper.  ``"gptq_act"`` is the same with
+            act-order (columns visited by decreasing Hessian diagonal, static groups),
+            which matters much more than usual on SmolLM2 (see ``benchmarks/results``).
         damp: relative diagonal dampening of the Hessian for ``"hessian"``/``"gptq"``.
         skip_modules: fnmatch patterns of module names never quantized.
         skip_output_embeddings: also skip ``model.get_output_embeddings()`` whatever its name.
@@ -105,7 +107,7 @@ class GWQConfig(AOBaseConfig):
 
     @property
     def needs_hessian(self) -> bool:
-        return self.saliency == "hessian" or self.compensation == "gptq"
+        return self.saliency == "hessian" or self.compensation != "none"
 
     def to_dict(self) -> dict:
         """The fields as plain JSON-able values (what checkpoints record)."""

@@ -64,11 +64,12 @@ def layer_saliency(weight: torch.Tensor, state: calibration.LayerCalibration, co
 def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GWQConfig, hessian: torch.Tensor | None) -> GWQTensor:
     """Pack one dense weight with the given outliers: RTN, or GPTQ-compensated non-outliers."""
     w = weight.detach()
-    if config.compensation == "gptq":
+    if config.compensation in ("gptq", "gptq_act"):
         from gwq_compile.gptq import gptq_quantize_weight
 
         packed = gptq_quantize_weight(
-            w.float(), hessian, config.bits, config.group_size, outlier_mask=outlier_mask, symmetric=config.symmetric, damp=config.damp
+            w.float(), hessian, config.bits, config.group_size, outlier_mask=outlier_mask, symmetric=config.symmetric, damp=config.damp,
+            act_order=config.compensation == "gptq_act",
         )
     else:
         packed = packing.quantize_weight(w, outlier_mask, config.bits, config.group_size, config.symmetric, config.clip_search)
