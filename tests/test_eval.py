@@ -174,15 +174,25 @@ def test_cli_eval_on_tiny_model(tiny_dir, text_file, tmp_path, capsys) -> None:
         (["--seqlen", "128"], "longer than the model's context"),  # the tiny model's context is 64
         (["--seqlen", "32", "--dataset", "c4"], "JSON-lines"),  # a plain text file is not C4
         (["--seqlen", "32", "--model", "/nonexistent/model.gguf"], "does not exist"),
+        (["--seqlen", "32", "--model", "{tmp}/broken.gguf"], "could not load a causal LM"),  # garbage bytes
+        (["--seqlen", "32", "--data-file", "{tmp}/missing.txt"], "does not exist"),
     ],
 )
 def test_cli_eval_failures_leave_nothing(tiny_dir, text_file, tmp_path, capsys, extra, message) -> None:
     out = tmp_path / "r.json"
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(range(256)) * 4)
     args = ["eval", "--model", str(tiny_dir), "--data-file", str(text_file), "--output", str(out), "--no-progress"]
-    rc = main(args + extra)  # a later --model overrides the first
+    rc = main(args + [a.replace("{tmp}", str(tmp_path)) for a in extra])  # a later --model / --data-file overrides
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(err) == 1 and message in err[0]
-    assert list(tmp_path.iterdir()) == [text_file]  # no results file, no temporary file
+    assert rc == 1 and len(err) == 1 and message in err[0], err
+    assert sorted(tmp_path.iterdir()) == sorted([text_file, broken])  # no results file, no temporary file
+
+
+def test_cli_unknown_dataset_name(tiny_dir, text_file, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(tiny_dir), "--data-file", str(text_file), "--dataset", "wikitext103"])
+    assert exc.value.code == 2 and "invalid choice: 'wikitext103'" in capsys.readouterr().err
 
 
 def test_cli_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys) -> None:
