@@ -364,6 +364,7 @@ def markdown(results: dict, settings: Settings) -> str:
             f"| {r['quant_seconds']:.1f} | {r['perplexity']:.3f} | {vs} | {vs_rtn} | {note} |"
         )
     lines += _comparisons(rows)
+    lines += budget_table(rows)
     if any(r["note"] for r in rows):
         lines += ["", f"Caveat: {Q4_1_CAVEAT}."]
     skipped = [r for r in results.get("skipped", {}).values() if r["key_settings"] == _eval_settings(settings)]
@@ -407,6 +408,53 @@ def _comparisons(rows: list[dict]) -> list[str]:
                 f"{gptq['quant_seconds']:.0f} s ({gptq['calibration']['samples']} samples, sequential); perplexity {r['perplexity']:.2f} vs {gptq['perplexity']:.2f}."
             )
     return ["", "Comparisons (computed from the rows above):", "", *out] if out else []
+
+
+BUDGETS = (3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0)
+PEER_FAMILIES = {"RTN": ("rtn",), "GPTQ": ("gptq", "gptq_act"), "AWQ": ("awq",), "torchao affine": ("ao_affine",), "torchao HQQ": ("ao_hqq",)}
+
+
+def best_within(rows: list[dict], methods: tuple[str, ...], budget: float) -> dict | None:
+    """The lowest-perplexity row of ``methods`` with at most ``budget`` bits per weight
+    (Q4_1-caveat rows excluded: they are not wins of any method).
+
+    Example:
+        >>> rows = [{"method": "rtn", "bits_per_weight": 4.25, "perplexity": 28.0, "note": ""},
+        ...         {"method": "rtn", "bits_per_weight": 3.4, "perplexity": 70.0, "note": ""}]
+        >>> best_within(rows, ("rtn",), 4.0)["perplexity"]
+        70.0
+    """
+    cands = [r for r in rows if r["method"] in methods and not r["note"] and r["bits_per_weight"] <= budget + 1e-9]
+    return min(cands, key=lambda r: r["perplexity"]) if cands else None
+
+
+def budget_table(rows: list[dict]) -> list[str]:
+    """Criterion 2 as a table: at each bits/weight budget, the best measured row of GWQ (any
+    variant) and of each peer family; a cell is empty where a family has no measured row
+    within the budget.  Only measured rows count: no interpolation."""
+    gwq_methods = tuple(GWQ_VARIANTS)
+    fams = {"GWQ (best variant)": gwq_methods, **PEER_FAMILIES}
+    head = "| budget (bpw) | " + " | ".join(fams) + " | GWQ below every measured peer? |"
+    lines = ["", "Best perplexity within each bits/weight budget (measured rows only; Q4_1-caveat rows excluded):", "", head,
+             "|" + "---|" * (len(fams) + 2)]  # fmt: skip
+    for budget in BUDGETS:
+        cells, best = [], {}
+        for fam, methods in fams.items():
+            r = best_within(rows, methods, budget)
+            best[fam] = r
+            cells.append(f"{r['perplexity']:.2f} ({r['label']})" if r else "–")
+        g = best["GWQ (best variant)"]
+        peers_here = [r for fam, r in best.items() if fam != "GWQ (best variant)" and r]
+        verdict = "–" if not g or not peers_here else ("yes" if all(g["perplexity"] < r["perplexity"] for r in peers_here) else "**no**")
+        lines.append(f"| {budget:g} | " + " | ".join(cells) + f" | {verdict} |")
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    w4 = best_within(rows, gwq_methods, 4.6)
+    w4 = w4 if w4 and w4["bits"] == 4 else None
+    if fp and w4:
+        gap = 100 * (w4["perplexity"] / fp["perplexity"] - 1)
+        lines += ["", f"Best W4-class GWQ row (<= 4.6 bpw): {w4['label']} at {w4['bits_per_weight']:.3f} bpw, perplexity {w4['perplexity']:.2f} "
+                      f"vs FP {fp['perplexity']:.2f}: {gap:+.1f}% ({'within' if gap <= 10 else 'not within'} 10%)."]  # fmt: skip
+    return lines
 
 
 def settings_file_name(results: dict) -> str:
