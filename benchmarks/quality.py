@@ -21,6 +21,7 @@ Methods (``--methods``):
     gwq_8s       |grad| summed over 8 samples   gwq_row      equal outlier count per row
     gwq_hessian  outliers by OBS w^2/[H^-1]_jj  gwq_gptq     gwq + GPTQ compensation of the rest
     gwq_gptq_act gwq + act-order GPTQ compensation of the rest
+    gwq_clip     gwq, each group's range from an activation-weighted error search (clip_search="act_mse")
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -64,7 +65,10 @@ GWQ_VARIANTS = {
     "gwq_hessian": ("hessian", "gwq", "layer", "none"),
     "gwq_gptq": ("grad", "gwq", "layer", "gptq"),
     "gwq_gptq_act": ("grad", "gwq", "layer", "gptq_act"),
+    "gwq_clip": ("grad", "gwq", "layer", "none"),
 }
+#: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
+GWQ_CLIP = {"gwq_clip": "act_mse"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 Q4_1_CAVEAT = (
     "SmolLM2 weights come from a Q4_1 GGUF (asymmetric 4-bit blocks of 32): a 4-bit g32 grid "
@@ -236,7 +240,7 @@ class Bench:
         config = GWQConfig(
             bits=row.bits, group_size=row.group_size, outlier_ratio=row.ratio, saliency=saliency,
             outlier_scope=scope, compensation=compensation, damp=s.damp, progress=False,
-            clip_search=False,  # plain min/max groups: the same grid as rtn, gptq and awq
+            clip_search=GWQ_CLIP.get(row.method, False),  # plain min/max unless the variant searches: rtn/awq's grid
         )  # fmt: skip
         quantize_(model, config, calibration_data=self.calibration(n, s.calib_seqlen))
         report = quantization_report(model)

@@ -5,7 +5,8 @@ post-accumulate-grad hook folds every backward's gradient into the saliency sum 
 clears ``.grad`` right away, so gradients never pile up: only the fp32 saliency
 (one ``[N, K]`` tensor per layer) and one sample's activations are alive at a time.
 When the config needs it (``saliency="hessian"`` or ``compensation="gptq"`` / ``"gptq_act"``) a
-forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``.
+forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``; for
+``clip_search="act_mse"`` only its diagonal ``sum x_j^2``.
 
 :func:`run_calibration` is the one-shot loop: it freezes every other parameter, runs
 forward + next-token loss + backward over each calibration batch, and restores the
@@ -36,6 +37,7 @@ class LayerCalibration:
     saliency_sum: torch.Tensor | None = None  # fp32 [N, K]
     n_backward: int = 0
     hessian: torch.Tensor | None = None  # fp32 [K, K]
+    input_sq: torch.Tensor | None = None  # fp32 [K]: sum over tokens of x_j^2
     n_tokens: int = 0
     handles: list = field(default_factory=list)
     saved_requires_grad: bool = False
@@ -101,6 +103,15 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
             state.n_tokens += x.shape[0]
 
         state.handles.append(module.register_forward_pre_hook(_hessian))
+
+    if config.needs_input_sq:
+
+        def _input_sq(mod: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sq = x.square().sum(0)
+            state.input_sq = sq if state.input_sq is None else state.input_sq.add_(sq)
+
+        state.handles.append(module.register_forward_pre_hook(_input_sq))
 
     setattr(weight, _STATE_ATTR, state)
     return state

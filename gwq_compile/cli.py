@@ -170,6 +170,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         outlier_scope=args.outlier_scope,
         symmetric=args.symmetric,
         compensation=args.compensation,
+        **({} if args.clip_search is None else {"clip_search": args.clip_search}),
         damp=args.damp,
         progress=not args.no_progress,
     )
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--saliency", default="grad", help="grad | fisher | grad_weight | hessian")
     qz.add_argument("--outlier-scope", default="layer", help="layer | row")
     qz.add_argument("--compensation", default="none", choices=["none", "gptq", "gptq_act"], help="error compensation of the non-outliers")
+    qz.add_argument("--clip-search", default=None, choices=["none", "mse", "act_mse"], help="how each group's range is chosen (default: GWQConfig's)")
     qz.add_argument("--symmetric", action="store_true")
     qz.add_argument("--damp", type=float, default=0.01)
     qz.add_argument("--calib-data", default="wikitext2", help="'wikitext2' (validation split), 'default', or a text file")

@@ -21,7 +21,7 @@ from typing import Optional
 
 from torchao.core.config import AOBaseConfig
 
-from gwq_compile.packing import SUPPORTED_BITS
+from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
 
 SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "hessian")
 SCOPE_CHOICES = ("layer", "row")
@@ -49,9 +49,13 @@ class GWQConfig(AOBaseConfig):
             ``"row"`` takes ``round(outlier_ratio * in_features)`` per output row (equal
             counts per row, which kernels like).
         symmetric: symmetric grid (zero point fixed at the middle code) instead of asymmetric.
-        clip_search: shrink each group's range by the factor that minimises its squared
-            rounding error (an MSE grid search, as GPTQ and llama.cpp do) instead of plain
-            min/max.  Rounding stays round-to-nearest.
+        clip_search: how each group's range is chosen: ``"none"`` (or ``False``) plain
+            min/max; ``"mse"`` (or ``True``) the shrunk range with the smallest squared
+            rounding error (as GPTQ and llama.cpp search it); ``"act_mse"`` the same error
+            weighted per input column by the mean squared layer input seen during
+            calibration (llama.cpp's imatrix idea: the layer's expected output error).
+            Rounding stays round-to-nearest.  Ignored by GPTQ compensation, which
+            chooses its own grid.
         compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
             (uses the layer-input Hessian from the same calibration passes) instead of
             round-to-nearest.  Goes beyond the paper.  ``"gptq_act"`` is the same with
@@ -71,7 +75,7 @@ class GWQConfig(AOBaseConfig):
     saliency: str = "grad"
     outlier_scope: str = "layer"
     symmetric: bool = False
-    clip_search: bool = False
+    clip_search: bool | str = False
     compensation: str = "none"
     damp: float = 0.01
     skip_modules: tuple[str, ...] = ("lm_head",)
@@ -90,6 +94,8 @@ class GWQConfig(AOBaseConfig):
         self._check_choice("outlier_scope", SCOPE_CHOICES)
         self._check_choice("compensation", COMPENSATION_CHOICES)
         self._check_choice("step", STEP_CHOICES)
+        if not isinstance(self.clip_search, (bool, str)) or (isinstance(self.clip_search, str) and self.clip_search not in CLIP_SEARCH_MODES):
+            raise ValueError(f"GWQConfig.clip_search must be True, False or one of {CLIP_SEARCH_MODES}, got {self.clip_search!r}")
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.skip_modules, str):
@@ -104,6 +110,11 @@ class GWQConfig(AOBaseConfig):
     @property
     def needs_gradients(self) -> bool:
         return self.saliency != "hessian"
+
+    @property
+    def needs_input_sq(self) -> bool:
+        """Whether calibration must record each layer's mean squared input per column."""
+        return clip_search_mode(self.clip_search) == "act_mse" and self.compensation == "none"
 
     @property
     def needs_hessian(self) -> bool:

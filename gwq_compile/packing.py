@@ -186,44 +186,107 @@ def _grid_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetri
     return scale, zero
 
 
+CLIP_SEARCH_MODES = ("none", "mse", "act_mse")
+
+
+def clip_search_mode(clip_search: bool | str) -> str:
+    """Normalise a ``clip_search`` setting: ``False``/``"none"``, ``True``/``"mse"`` or ``"act_mse"``.
+
+    Example:
+        >>> clip_search_mode(True), clip_search_mode("act_mse")
+        ('mse', 'act_mse')
+    """
+    if clip_search is False or clip_search is None:
+        return "none"
+    if clip_search is True:
+        return "mse"
+    if clip_search not in CLIP_SEARCH_MODES:
+        raise ValueError(f"clip_search must be one of False, True, {CLIP_SEARCH_MODES}, got {clip_search!r}")
+    return clip_search
+
+
+def _search_range(
+    wg: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group grid minimising ``sum weights * (dequant - w)^2`` over shrunk ranges.
+
+    Coordinate search over :data:`CLIP_SEARCH_RATIOS` (39 grids, not 13 x 13): first one
+    factor for both ends, then (asymmetric grids) the top end with the bottom fixed, then
+    the bottom end with the top fixed.  Factor 1.0 (plain min/max) is always a candidate,
+    so the weighted error never exceeds min/max's.
+    """
+    maxq = (1 << bits) - 1
+
+    def error(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, z = _grid_from_range(wmin * lo, wmax * hi, bits, symmetric)
+        q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
+        err = (((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - wg).square() * weights).sum(-1)  # outliers/padding: 0 -> exact
+        return err, s, z
+
+    one = torch.ones_like(wmin)
+    lo, hi = one, one
+    best, scale, zero = error(lo, hi)
+
+    def consider(new_lo: torch.Tensor, new_hi: torch.Tensor) -> None:
+        nonlocal best, scale, zero, lo, hi
+        err, s, z = error(new_lo, new_hi)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        lo, hi = torch.where(better, new_lo, lo), torch.where(better, new_hi, hi)
+
+    for r in CLIP_SEARCH_RATIOS[1:]:
+        consider(one * r, one * r)
+    if not symmetric:
+        for r in CLIP_SEARCH_RATIOS:
+            consider(lo, one * r)
+        for r in CLIP_SEARCH_RATIOS:
+            consider(one * r, hi)
+    return scale, zero
+
+
 def compute_group_qparams(
     weight: torch.Tensor,
     outlier_mask: torch.Tensor | None,
     bits: int,
     group_size: int,
     symmetric: bool = False,
-    clip_search: bool = False,
+    clip_search: bool | str = False,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales (fp16 ``[N, G]``) and integer zero points (uint8 ``[N, G]``).
 
     Outliers are excluded from each group's range (they are replaced by 0, which is in
     the range anyway).  The padding of a partial last group is 0 too, so it never widens
-    the range either.  With ``clip_search`` the range is shrunk by the factor in
-    :data:`CLIP_SEARCH_RATIOS` that minimises the group's squared rounding error (the
-    MSE grid search of GPTQ/llama.cpp); the rounding itself stays round-to-nearest.
+    the range either.  ``clip_search`` (see :func:`clip_search_mode`) shrinks each
+    group's range to the candidate of :func:`_search_range` with the smallest squared
+    rounding error: unweighted (``"mse"``, as GPTQ/llama.cpp do), or weighted per input
+    column by ``importance`` ``[K]`` (``"act_mse"``: the mean squared layer input, so
+    the error is the layer's expected output error under a diagonal approximation, as
+    llama.cpp's imatrix does).  Rounding stays round-to-nearest.
     """
     check_bits(bits)
+    mode = clip_search_mode(clip_search)
     g = effective_group_size(weight.shape[1], group_size)
     w = weight.float()
     if outlier_mask is not None:
         w = w.masked_fill(outlier_mask, 0.0)
     wg = _grouped(w, g)
-    maxq = (1 << bits) - 1
     wmin = wg.amin(-1).clamp(max=0.0)
     wmax = wg.amax(-1).clamp(min=0.0)
-    scale, zero = _grid_from_range(wmin, wmax, bits, symmetric)
-    if clip_search:
-        best_err = None
-        for ratio in CLIP_SEARCH_RATIOS:
-            s, z = _grid_from_range(wmin * ratio, wmax * ratio, bits, symmetric)
-            q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
-            err = ((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - wg).square().sum(-1)  # outliers/padding are 0 -> exact
-            if best_err is None:
-                best_err, scale, zero = err, s, z
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    if mode == "none":
+        scale, zero = _grid_from_range(wmin, wmax, bits, symmetric)
+    else:
+        if mode == "act_mse":
+            if importance is None or importance.shape != (weight.shape[1],):
+                got = None if importance is None else tuple(importance.shape)
+                raise ValueError(f"clip_search='act_mse' needs importance of shape ({weight.shape[1]},) (mean squared input per column), got {got}")
+            if not torch.isfinite(importance).all() or (importance < 0).any():
+                raise ValueError("clip_search='act_mse': importance must be finite and non-negative")
+            weights = _grouped(importance.float().to(w.device).unsqueeze(0), g)
+        else:
+            weights = torch.ones(1, 1, 1, device=w.device)
+        scale, zero = _search_range(wg, wmin, wmax, bits, symmetric, weights)
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
 
 
@@ -318,15 +381,17 @@ def quantize_weight(
     bits: int,
     group_size: int,
     symmetric: bool = False,
-    clip_search: bool = False,
+    clip_search: bool | str = False,
     group_scales: torch.Tensor | None = None,
     group_zeros: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> PackedWeight:
     """Quantize a dense ``[N, K]`` weight into the packed GWQ format.
 
     ``group_scales``/``group_zeros``/``codes`` may be given by an algorithm that chose them
-    itself (GPTQ-style error compensation); otherwise they are round-to-nearest.
+    itself (GPTQ-style error compensation); otherwise they are round-to-nearest on the
+    grid of :func:`compute_group_qparams` (``clip_search``, ``importance``).
     """
     check_bits(bits)
     if weight.dim() != 2:
@@ -336,7 +401,7 @@ def quantize_weight(
     if outlier_mask is None:
         outlier_mask = torch.zeros(n, k, dtype=torch.bool, device=weight.device)
     if group_scales is None or group_zeros is None:
-        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric, clip_search)
+        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric, clip_search, importance)
     if codes is None:
         codes = quantize_to_codes(weight, group_scales, group_zeros, bits, g, outlier_mask)
     else:

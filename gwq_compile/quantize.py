@@ -61,8 +61,11 @@ def layer_saliency(weight: torch.Tensor, state: calibration.LayerCalibration, co
     return state.saliency_sum
 
 
-def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GWQConfig, hessian: torch.Tensor | None) -> GWQTensor:
-    """Pack one dense weight with the given outliers: RTN, or GPTQ-compensated non-outliers."""
+def quantize_weight(
+    weight: torch.Tensor, outlier_mask: torch.Tensor, config: GWQConfig, hessian: torch.Tensor | None, input_sq: torch.Tensor | None = None
+) -> GWQTensor:
+    """Pack one dense weight with the given outliers: RTN (on the ``clip_search`` grid; ``input_sq``
+    weights it for ``"act_mse"``), or GPTQ-compensated non-outliers."""
     w = weight.detach()
     if config.compensation in ("gptq", "gptq_act"):
         from gwq_compile.gptq import gptq_quantize_weight
@@ -72,7 +75,9 @@ def quantize_weight(weight: torch.Tensor, outlier_mask: torch.Tensor, config: GW
             act_order=config.compensation == "gptq_act",
         )
     else:
-        packed = packing.quantize_weight(w, outlier_mask, config.bits, config.group_size, config.symmetric, config.clip_search)
+        packed = packing.quantize_weight(
+            w, outlier_mask, config.bits, config.group_size, config.symmetric, config.clip_search, importance=input_sq
+        )
     return GWQTensor.from_packed(packed, w.dtype)
 
 
@@ -100,7 +105,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         raise ValueError(f"layer {_name(module)!r}: convert without prepare; run quantize_(model, GWQConfig(step='prepare')) and a backward pass first")
     if state.quantized is None:
         missing_grad = config.needs_gradients and state.n_backward == 0
-        missing_hessian = config.needs_hessian and state.hessian is None
+        missing_hessian = (config.needs_hessian and state.hessian is None) or (config.needs_input_sq and state.input_sq is None)
         if missing_grad or missing_hessian:
             calibration.release_weight(weight)
             what = "gradient" if missing_grad else "forward input (Hessian)"
@@ -110,7 +115,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         calibration.check_finite(saliency, "the saliency", state.name)
         mask = select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
         try:
-            qweight = quantize_weight(weight, mask, config, state.hessian)
+            qweight = quantize_weight(weight, mask, config, state.hessian, state.input_sq)
         except ValueError as err:
             raise ValueError(f"layer {state.name!r}: {err}") from err
         state.quantized = torch.nn.Parameter(qweight, requires_grad=False)

@@ -109,3 +109,39 @@ def test_outlier_out_of_fp16_range_is_rejected() -> None:
     mask[0, 0] = True
     with pytest.raises(ValueError, match="fp16"):
         packing.quantize_weight(w, mask, 4, 8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    n=st.integers(1, 12),
+    k=st.integers(1, 150),
+    group_size=st.sampled_from([8, 32, 64, -1]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_clip_search_never_worse_than_min_max(bits, n, k, group_size, symmetric, seed) -> None:
+    """Each search mode's own objective is at most plain min/max's, group by group summed:
+    unweighted squared error for "mse", importance-weighted for "act_mse"."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    mask = torch.rand(n, k, generator=gen) < 0.05
+    importance = torch.rand(k, generator=gen) ** 4  # heavy-tailed, like real activations
+    plain = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric))
+    for mode, weight in (("mse", torch.ones(k)), ("act_mse", importance)):
+        p = packing.quantize_weight(w, mask, bits, group_size, symmetric, mode, importance=importance if mode == "act_mse" else None)
+        searched = packing.dequantize_weight(p)
+        assert torch.equal(searched[mask], w[mask].half().float())  # outliers untouched
+        obj = lambda d: float(((d - w).square() * weight).sum())  # noqa: E731
+        assert obj(searched) <= obj(plain) * (1 + 1e-5) + 1e-9, mode
+
+
+def test_clip_search_modes_and_errors() -> None:
+    assert [packing.clip_search_mode(m) for m in (False, True, "none", "mse", "act_mse")] == ["none", "mse", "none", "mse", "act_mse"]
+    w = torch.randn(4, 40)
+    with pytest.raises(ValueError, match="clip_search must be one of"):
+        packing.quantize_weight(w, None, 4, 8, clip_search="minmax")
+    with pytest.raises(ValueError, match=r"needs importance of shape \(40,\)"):
+        packing.quantize_weight(w, None, 4, 8, clip_search="act_mse")
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        packing.quantize_weight(w, None, 4, 8, clip_search="act_mse", importance=torch.full((40,), float("nan")))

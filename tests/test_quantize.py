@@ -198,6 +198,9 @@ def test_layer_without_gradient_stays_dense_with_warning(token_ids) -> None:
         (dict(saliency="hessians"), "saliency"),
         (dict(outlier_scope="global"), "outlier_scope"),
         (dict(step="calibrate"), "step"),
+        (dict(clip_search="minmax"), "clip_search"),
+        (dict(clip_search=1), "clip_search"),
+        (dict(compensation="awq"), "compensation"),
     ],
 )
 def test_bad_config(kwargs, match) -> None:
@@ -301,3 +304,35 @@ def test_gptq_compensation_keeps_masks_and_lowers_layer_error(token_ids, compens
         if not err_gptq < err_rtn:
             worse.append((name, float(err_gptq), float(err_rtn)))
     assert not worse, worse
+
+
+def test_act_mse_clip_search_uses_the_calibration_inputs(token_ids) -> None:
+    """clip_search="act_mse": same masks as plain GWQ, and each layer's grid is exactly
+    packing's importance-weighted search with importance = sum of x_j^2 over the
+    calibration tokens (recorded by a forward pre-hook during calibration)."""
+    from gwq_compile import packing
+
+    base = tiny_llama(seed=5)
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args, name):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        sq[name] = sq.get(name, 0) + x.square().sum(0)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in _linears(base).items() if n != "lm_head"]
+    with torch.no_grad():
+        base(token_ids)
+    for h in hooks:
+        h.remove()
+    plain, searched = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_(plain, GWQConfig(**CFG), calibration_data=token_ids)
+    quantize_(searched, GWQConfig(**CFG, clip_search="act_mse"), calibration_data=token_ids)
+    for name, mod in _linears(searched).items():
+        if name == "lm_head":
+            continue
+        mask = _linears(plain)[name].weight.outlier_mask()
+        assert torch.equal(mod.weight.outlier_mask(), mask), name
+        w = _linears(base)[name].weight.detach()
+        want = packing.quantize_weight(w, mask, CFG["bits"], CFG["group_size"], False, "act_mse", importance=sq[name])
+        got = mod.weight.packed()
+        assert torch.equal(got.group_scales, want.group_scales) and torch.equal(got.group_zeros, want.group_zeros), name
