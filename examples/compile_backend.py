@@ -53,8 +53,8 @@ def greedy(model: torch.nn.Module, tokenizer, prompt: str, new_tokens: int) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--outlier-ratio", type=float, default=0.01)
+    parser.add_argument("--group-size", type=int, default=GWQConfig.group_size)
+    parser.add_argument("--outlier-ratio", type=float, default=GWQConfig.outlier_ratio)
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per evaluation window")
     parser.add_argument("--windows", type=int, default=2, help="held-out windows, evaluated as one batch")
     parser.add_argument("--prompt", default="The history of the city begins")

@@ -39,8 +39,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--outlier-ratio", type=float, default=0.01)
+    parser.add_argument("--group-size", type=int, default=GWQConfig.group_size)
+    parser.add_argument("--outlier-ratio", type=float, default=GWQConfig.outlier_ratio)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--seqlen", type=int, default=512, help="perplexity window (2048 in the literature; 512 here for speed)")
     parser.add_argument("--max-windows", type=int, default=16)

@@ -67,6 +67,9 @@ def quantize_weight(
     """Pack one dense weight with the given outliers: RTN (on the ``clip_search`` grid; ``input_sq``
     weights it for ``"act_mse"``), or GPTQ-compensated non-outliers."""
     w = weight.detach()
+    clip_search = config.clip_search
+    if config.needs_input_sq and input_sq is None:
+        clip_search = False  # no input recorded (see warn_no_input_sq): plain min/max, not an unweighted guess
     if config.compensation in ("gptq", "gptq_act"):
         from gwq_compile.gptq import gptq_quantize_weight
 
@@ -76,12 +79,24 @@ def quantize_weight(
         )
     else:
         packed = packing.quantize_weight(
-            w, outlier_mask, config.bits, config.group_size, config.symmetric, config.clip_search, importance=input_sq
+            w, outlier_mask, config.bits, config.group_size, config.symmetric, clip_search, importance=input_sq
         )
     return GWQTensor.from_packed(packed, w.dtype)
 
 
 # ----------------------------------------------------------------------------- one layer
+
+
+def warn_no_input_sq(state: calibration.LayerCalibration, config: GWQConfig) -> None:
+    """Say so when ``clip_search="act_mse"`` has no recorded input for a layer: its weight
+    was used without calling its module (``F.linear(x, mod.weight)``), so the layer gets
+    plain min/max ranges."""
+    if config.needs_input_sq and state.input_sq is None:
+        warnings.warn(
+            f"layer {state.name!r}: its module was never called during calibration, so clip_search='act_mse' "
+            "has no input statistics for it; it uses plain min/max ranges",
+            stacklevel=4,
+        )
 
 
 def _name(module: torch.nn.Module) -> str:
@@ -105,7 +120,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         raise ValueError(f"layer {_name(module)!r}: convert without prepare; run quantize_(model, GWQConfig(step='prepare')) and a backward pass first")
     if state.quantized is None:
         missing_grad = config.needs_gradients and state.n_backward == 0
-        missing_hessian = (config.needs_hessian and state.hessian is None) or (config.needs_input_sq and state.input_sq is None)
+        missing_hessian = config.needs_hessian and state.hessian is None
         if missing_grad or missing_hessian:
             calibration.release_weight(weight)
             what = "gradient" if missing_grad else "forward input (Hessian)"
@@ -115,6 +130,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         calibration.check_finite(saliency, "the saliency", state.name)
         mask = select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
         try:
+            warn_no_input_sq(state, config)
             qweight = quantize_weight(weight, mask, config, state.hessian, state.input_sq)
         except ValueError as err:
             raise ValueError(f"layer {state.name!r}: {err}") from err

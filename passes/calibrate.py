@@ -306,8 +306,7 @@ def _convert_conv1d(module: torch.nn.Module, name: str, config: GWQConfig) -> Op
     state = calibration.layer_state(weight)
     if state is None:
         return None
-    missing_inputs = (config.needs_hessian and state.hessian is None) or (config.needs_input_sq and state.input_sq is None)
-    if (config.needs_gradients and state.n_backward == 0) or missing_inputs:
+    if (config.needs_gradients and state.n_backward == 0) or (config.needs_hessian and state.hessian is None):
         calibration.release_weight(weight)
         warnings.warn(f"layer {name!r} received no gradient during calibration; it stays unquantized", stacklevel=4)
         return None
@@ -318,6 +317,7 @@ def _convert_conv1d(module: torch.nn.Module, name: str, config: GWQConfig) -> Op
     calibration.check_finite(saliency, "the saliency", name)
     mask = quantize.select_outliers(saliency.contiguous(), config.outlier_ratio, config.outlier_scope)
     try:
+        quantize.warn_no_input_sq(state, config)
         packed = quantize.quantize_weight(w_out_in, mask, config, state.hessian, state.input_sq)
     except ValueError as err:
         raise ValueError(f"layer {name!r}: {err}") from err

@@ -336,3 +336,31 @@ def test_act_mse_clip_search_uses_the_calibration_inputs(token_ids) -> None:
         want = packing.quantize_weight(w, mask, CFG["bits"], CFG["group_size"], False, "act_mse", importance=sq[name])
         got = mod.weight.packed()
         assert torch.equal(got.group_scales, want.group_scales) and torch.equal(got.group_zeros, want.group_zeros), name
+
+
+def test_act_mse_without_a_module_call_falls_back_with_a_warning() -> None:
+    """A weight used through F.linear (its module never called) records no input: the
+    layer is still quantized, on plain min/max ranges, and a warning names it."""
+
+    class Functional(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.called = torch.nn.Linear(40, 40)
+            self.functional = torch.nn.Linear(40, 40)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.one_hot(ids, 40).float()
+            return torch.nn.functional.linear(self.called(h), self.functional.weight, self.functional.bias)
+
+    torch.manual_seed(0)
+    model = Functional()
+    w_functional = model.functional.weight.detach().clone()
+    ids = torch.randint(0, 40, (2, 12))
+    with pytest.warns(UserWarning, match="'functional'.*plain min/max"):
+        quantize_(model, GWQConfig(bits=4, group_size=8, outlier_ratio=0.02, progress=False), calibration_data=ids)
+    assert isinstance(model.called.weight, GWQTensor) and isinstance(model.functional.weight, GWQTensor)
+    from gwq_compile import packing
+
+    mask = model.functional.weight.outlier_mask()
+    want = packing.quantize_weight(w_functional, mask, 4, 8)  # plain min/max grid
+    assert torch.equal(model.functional.weight.packed().group_scales, want.group_scales)
