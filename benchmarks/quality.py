@@ -375,8 +375,23 @@ def markdown(results: dict, settings: Settings) -> str:
     if skipped:
         lines += ["", "Rows that could not be run:", ""] + [f"- {r['label']}: {r['reason']}" for r in skipped]
     others = sorted({json.dumps(r["key_settings"]) for r in results["rows"].values()} - {json.dumps(_eval_settings(settings))})
-    if others:
-        lines += ["", "The JSON also holds rows measured with other evaluation settings (not in this table): " + "; ".join(others)]
+    for other in others:
+        ks = json.loads(other)
+        group = [r for r in results["rows"].values() if r["key_settings"] == ks]
+        group.sort(key=lambda r: (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0))
+        gfp = next((r for r in group if r["method"] == "fp"), None)
+        windows = "all" if ks["max_windows"] is None else f"the first {ks['max_windows']}"
+        lines += [
+            "", f"## Rows at other evaluation settings: seqlen {ks['seqlen']}, {windows} windows of {ks.get('eval_split', 'test')}", "",
+            "| method | bits | group | outliers | bits/weight | perplexity | vs fp |", "| --- | --- | --- | --- | --- | --- | --- |",
+        ]  # fmt: skip
+        for r in group:
+            vs = f"{r['perplexity'] / gfp['perplexity']:.3f}x" if gfp else ""
+            ratio = f"{r['ratio'] * 100:g}%" if r["ratio"] else ""
+            lines.append(
+                f"| {r['method']} | {r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {vs} |"
+            )
+        lines += budget_table(group)
     return "\n".join(lines) + "\n"
 
 
