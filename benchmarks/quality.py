@@ -325,9 +325,14 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _row_order(r: dict) -> tuple:
+    """Table order: fp first, then by bits, group, method, outlier ratio."""
+    return (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0)
+
+
 def markdown(results: dict, settings: Settings) -> str:
     rows = [r for r in results["rows"].values() if r["key_settings"] == _eval_settings(settings)]
-    rows.sort(key=lambda r: (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0))
+    rows.sort(key=_row_order)
     fp = next((r for r in rows if r["method"] == "fp"), None)
     rtn = {(r["bits"], r["group_size"]): r for r in rows if r["method"] == "rtn"}
     lines = [
@@ -378,7 +383,7 @@ def markdown(results: dict, settings: Settings) -> str:
     for other in others:
         ks = json.loads(other)
         group = [r for r in results["rows"].values() if r["key_settings"] == ks]
-        group.sort(key=lambda r: (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0))
+        group.sort(key=_row_order)
         gfp = next((r for r in group if r["method"] == "fp"), None)
         windows = "all" if ks["max_windows"] is None else f"the first {ks['max_windows']}"
         lines += [

@@ -29,6 +29,23 @@ def _dense_copy(model):
     return dense
 
 
+def _layer_inputs(model, token_ids) -> dict[str, torch.Tensor]:
+    """Inputs ``[tokens, in_features]`` (fp32) of every Linear but lm_head in one forward."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=n: inputs.setdefault(name, []).append(args[0].detach()))
+        for n, m in _linears(model).items()
+        if n != "lm_head"
+    ]
+    try:
+        with torch.no_grad():
+            model(token_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).float() for name, xs in inputs.items()}
+
+
 def _grads(model, batches, kind="grad"):
     """Reference saliency computed by hand: per-sample gradients of the next-token loss."""
     model = copy.deepcopy(model)
@@ -277,16 +294,7 @@ def test_gptq_compensation_keeps_masks_and_lowers_layer_error(token_ids, compens
     saliency) and gives a smaller output error than round-to-nearest on the calibration
     inputs of every layer (what it minimises; inputs from the unquantized model)."""
     base = tiny_llama(seed=3)
-    inputs: dict[str, list[torch.Tensor]] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=n: inputs.setdefault(name, []).append(args[0].detach()))
-        for n, m in _linears(base).items()
-        if n != "lm_head"
-    ]
-    with torch.no_grad():
-        base(token_ids)
-    for h in hooks:
-        h.remove()
+    inputs = _layer_inputs(base, token_ids)
     plain, comp = copy.deepcopy(base), copy.deepcopy(base)
     quantize_(plain, GWQConfig(**CFG), calibration_data=token_ids)
     quantize_(comp, GWQConfig(**CFG, compensation=compensation), calibration_data=token_ids)
@@ -297,7 +305,7 @@ def test_gptq_compensation_keeps_masks_and_lowers_layer_error(token_ids, compens
         w_fp = _linears(base)[name].weight.detach()
         w_rtn, w_gptq = _linears(plain)[name].weight, mod.weight
         assert torch.equal(w_rtn.outlier_mask(), w_gptq.outlier_mask()), name
-        x = torch.cat(inputs[name]).reshape(-1, w_fp.shape[1])
+        x = inputs[name]
         ref = x @ w_fp.T
         err_rtn = (x @ w_rtn.dequantize().T - ref).norm()
         err_gptq = (x @ w_gptq.dequantize().T - ref).norm()
@@ -313,17 +321,7 @@ def test_act_mse_clip_search_uses_the_calibration_inputs(token_ids) -> None:
     from gwq_compile import packing
 
     base = tiny_llama(seed=5)
-    sq: dict[str, torch.Tensor] = {}
-
-    def hook(mod, args, name):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        sq[name] = sq.get(name, 0) + x.square().sum(0)
-
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in _linears(base).items() if n != "lm_head"]
-    with torch.no_grad():
-        base(token_ids)
-    for h in hooks:
-        h.remove()
+    sq = {name: x.square().sum(0) for name, x in _layer_inputs(base, token_ids).items()}
     plain, searched = copy.deepcopy(base), copy.deepcopy(base)
     quantize_(plain, GWQConfig(**CFG), calibration_data=token_ids)
     quantize_(searched, GWQConfig(**CFG, clip_search="act_mse"), calibration_data=token_ids)
