@@ -22,6 +22,8 @@ Methods (``--methods``):
     gwq_hessian  outliers by OBS w^2/[H^-1]_jj  gwq_gptq     gwq + GPTQ compensation of the rest
     gwq_gptq_act gwq + act-order GPTQ compensation of the rest
     gwq_clip     gwq, each group's range from an activation-weighted error search (clip_search="act_mse")
+    gwq_err      gwq_clip, outliers by |grad| x squared rounding error (saliency="grad_error"), per layer
+    gwq_err_model  gwq_err, outliers ranked over the whole model (outlier_scope="model"): the default GWQConfig
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -66,9 +68,11 @@ GWQ_VARIANTS = {
     "gwq_gptq": ("grad", "gwq", "layer", "gptq"),
     "gwq_gptq_act": ("grad", "gwq", "layer", "gptq_act"),
     "gwq_clip": ("grad", "gwq", "layer", "none"),
+    "gwq_err": ("grad_error", "gwq", "layer", "none"),
+    "gwq_err_model": ("grad_error", "gwq", "model", "none"),
 }
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
-GWQ_CLIP = {"gwq_clip": "act_mse"}
+GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 Q4_1_CAVEAT = (
     "SmolLM2 weights come from a Q4_1 GGUF (asymmetric 4-bit blocks of 32): a 4-bit g32 grid "

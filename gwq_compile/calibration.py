@@ -43,6 +43,7 @@ class LayerCalibration:
     saved_requires_grad: bool = False
     saved_grad: torch.Tensor | None = None
     quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
+    outlier_mask: torch.Tensor | None = None  # outlier_scope="model": bool [out, in], set by the model-wide ranking
 
     def remove_hooks(self) -> None:
         for h in self.handles:
@@ -53,7 +54,7 @@ class LayerCalibration:
 def saliency_term(grad: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
     """One backward's contribution to the saliency sum (fp32)."""
     g = grad.float()
-    if kind == "grad":
+    if kind in ("grad", "grad_error"):  # grad_error weights |g| by the rounding error at convert time
         return g.abs()
     if kind == "fisher":
         return g.square()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from gwq_compile import eval as gwq_eval
+from gwq_compile.config import SALIENCY_CHOICES, SCOPE_CHOICES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Errors that mean "bad input", reported in one line.  Anything else is a bug: traceback.
@@ -166,8 +167,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         bits=args.bits,
         group_size=args.group_size,
         outlier_ratio=args.outlier_ratio,
-        saliency=args.saliency,
-        outlier_scope=args.outlier_scope,
+        **({} if args.saliency is None else {"saliency": args.saliency}),
+        **({} if args.outlier_scope is None else {"outlier_scope": args.outlier_scope}),
         symmetric=args.symmetric,
         compensation=args.compensation,
         **({} if args.clip_search is None else {"clip_search": args.clip_search}),
@@ -237,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--bits", type=int, default=4)
     qz.add_argument("--group-size", type=int, default=64, help="default: GWQConfig's (64)")
     qz.add_argument("--outlier-ratio", type=float, default=0.005, help="default: GWQConfig's (0.005)")
-    qz.add_argument("--saliency", default="grad", help="grad | fisher | grad_weight | hessian")
-    qz.add_argument("--outlier-scope", default="layer", help="layer | row")
+    qz.add_argument("--saliency", default=None, choices=list(SALIENCY_CHOICES), help="how weights are scored (default: GWQConfig's)")
+    qz.add_argument("--outlier-scope", default=None, choices=list(SCOPE_CHOICES), help="where the top outlier_ratio is taken (default: GWQConfig's)")
     qz.add_argument("--compensation", default="none", choices=["none", "gptq", "gptq_act"], help="error compensation of the non-outliers")
     qz.add_argument("--clip-search", default=None, choices=["none", "mse", "act_mse"], help="how each group's range is chosen (default: GWQConfig's)")
     qz.add_argument("--symmetric", action="store_true")

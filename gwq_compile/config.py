@@ -23,8 +23,8 @@ from torchao.core.config import AOBaseConfig
 
 from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
 
-SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "hessian")
-SCOPE_CHOICES = ("layer", "row")
+SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "grad_error", "hessian")
+SCOPE_CHOICES = ("layer", "row", "model")
 COMPENSATION_CHOICES = ("none", "gptq", "gptq_act")
 STEP_CHOICES = (None, "prepare", "convert")
 MAX_OUTLIER_RATIO = 0.5
@@ -43,11 +43,20 @@ class GWQConfig(AOBaseConfig):
             ``"grad"`` sum over samples of |dL/dW| (the paper's, one sample);
             ``"fisher"`` sum of (dL/dW)^2 (empirical Fisher diagonal);
             ``"grad_weight"`` sum of |dL/dW * W| (first-order Taylor change of the loss);
+            ``"grad_error"`` sum of |dL/dW| times (W - RTN(W))^2, the squared rounding error
+            each weight gets on its layer's own grid (``clip_search`` included, before any
+            outlier is taken out): sensitivity times the perturbation quantizing would
+            cause, so no outlier is spent on a weight that already sits on the grid;
             ``"hessian"`` SpQR/OBS-style w^2 / [H^-1]_jj^2 from the layer-input Hessian
             (no gradient used; the baseline the paper argues gradients beat).
         outlier_scope: ``"layer"`` takes the top ``outlier_ratio`` of each layer;
             ``"row"`` takes ``round(outlier_ratio * in_features)`` per output row (equal
-            counts per row, which kernels like).
+            counts per row, which kernels like); ``"model"`` takes the top
+            ``outlier_ratio`` of all quantized weights of the model together, so sensitive
+            layers get more outliers than others (the same total).  Scores of different
+            layers are compared as they are, which makes sense for scores in loss units
+            (``"grad_error"``).  Needs every layer at once: :func:`gwq_compile.quantize_`, the
+            backend, or torchao's ``quantize_`` with ``filter_fn=gwq_filter(model, config)``.
         symmetric: symmetric grid (zero point fixed at the middle code) instead of asymmetric.
         clip_search: how each group's range is chosen: ``"none"`` (or ``False``) plain
             min/max; ``"mse"`` (or ``True``) the shrunk range with the smallest squared
@@ -71,12 +80,14 @@ class GWQConfig(AOBaseConfig):
 
     # Defaults chosen on WikiText-2 *validation* perplexity of SmolLM2-135M (never the
     # test split): at <= 4.6 bits/weight, groups of 64 + 0.5 % outliers + the
-    # activation-weighted range search beat groups of 128 + 1 % (README, "Choosing the defaults").
+    # activation-weighted range search beat groups of 128 + 1 %, and ranking outliers by
+    # |grad| x squared rounding error over the whole model beat |grad| per layer
+    # (README, "Choosing the defaults").
     bits: int = 4
     group_size: int = 64
     outlier_ratio: float = 0.005
-    saliency: str = "grad"
-    outlier_scope: str = "layer"
+    saliency: str = "grad_error"
+    outlier_scope: str = "model"
     symmetric: bool = False
     clip_search: bool | str = "act_mse"
     compensation: str = "none"
@@ -116,8 +127,9 @@ class GWQConfig(AOBaseConfig):
 
     @property
     def needs_input_sq(self) -> bool:
-        """Whether calibration must record each layer's mean squared input per column."""
-        return clip_search_mode(self.clip_search) == "act_mse" and self.compensation == "none"
+        """Whether calibration must record each layer's mean squared input per column: for the
+        ``"act_mse"`` grid, or for ``"grad_error"``'s rounding errors on that grid."""
+        return clip_search_mode(self.clip_search) == "act_mse" and (self.compensation == "none" or self.saliency == "grad_error")
 
     @property
     def needs_hessian(self) -> bool:

@@ -37,9 +37,19 @@ NAME_ATTR = "_gwq_name"
 # ----------------------------------------------------------------------------- outlier selection
 
 
-def select_outliers(saliency: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+def select_outliers(saliency: torch.Tensor, ratio: float, scope: str, count: int | None = None) -> torch.Tensor:
     """Bool mask of the most salient weights: ``round(ratio * numel)`` per layer, or
-    ``round(ratio * in_features)`` per row when ``scope == "row"``."""
+    ``round(ratio * in_features)`` per row when ``scope == "row"``, or the given ``count``
+    (the layer's share of a model-wide ranking, :func:`model_outlier_counts`) when
+    ``scope == "model"``.
+
+    Example:
+        >>> s = torch.tensor([[0.1, 5.0, 0.2], [3.0, 0.0, 0.4]])
+        >>> select_outliers(s, 0.34, "layer").nonzero().tolist()
+        [[0, 1], [1, 0]]
+        >>> select_outliers(s, 0.0, "model", count=1).nonzero().tolist()
+        [[0, 1]]
+    """
     n, k = saliency.shape
     mask = torch.zeros(n, k, dtype=torch.bool, device=saliency.device)
     if scope == "row":
@@ -47,18 +57,99 @@ def select_outliers(saliency: torch.Tensor, ratio: float, scope: str) -> torch.T
         if per_row:
             mask.scatter_(1, saliency.topk(per_row, dim=1).indices, True)
         return mask
-    count = round(ratio * n * k)
+    if scope == "model":
+        if count is None:
+            raise ValueError("outlier_scope='model' ranks all layers together: the layer's outlier count must come from model_outlier_counts")
+    else:
+        count = round(ratio * n * k)
     if count:
         mask.view(-1)[saliency.reshape(-1).topk(count).indices] = True
     return mask
 
 
-def layer_saliency(weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig) -> torch.Tensor:
+def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
+    """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
+    w = weight.detach().float()
+    # no input recorded (see warn_no_input_sq): min/max, as quantize_weight falls back
+    clip_search = False if packing.clip_search_mode(config.clip_search) == "act_mse" and input_sq is None else config.clip_search
+    scales, zeros = packing.compute_group_qparams(w, None, config.bits, config.group_size, config.symmetric, clip_search, importance=input_sq)
+    codes = packing.quantize_to_codes(w, scales, zeros, config.bits, config.group_size)
+    return (w - packing.dequantize_codes(codes, scales, zeros, config.group_size)).abs_()
+
+
+def layer_saliency(
+    weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False
+) -> torch.Tensor:
+    """The outlier score of every weight, in ``weight``'s ``[out, in]`` layout.
+
+    ``grad_in_out``: the accumulated gradients have the transposed ``[in, out]`` layout
+    (HF ``Conv1D``).  ``"grad_error"`` scores ``sum |g| * (W - RTN(W))^2``: a weight
+    that rounds (almost) exactly costs nothing to quantize, however sensitive.
+    """
     if config.saliency == "hessian":
         from gwq_compile.gptq import hessian_saliency
 
         return hessian_saliency(weight.detach().float(), state.hessian, damp=config.damp)
-    return state.saliency_sum
+    saliency = state.saliency_sum.t() if grad_in_out else state.saliency_sum
+    if config.saliency == "grad_error":
+        saliency = saliency * rounding_error(weight, config, state.input_sq).square_()
+    return saliency
+
+
+def model_outlier_counts(scores: list[torch.Tensor], ratio: float) -> list[int]:
+    """Each layer's share of the model's ``round(ratio * total)`` highest scores.
+
+    Example:
+        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.5)
+        [1, 1]
+        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.75)
+        [1, 2]
+    """
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    count = round(ratio * flat.numel())
+    if count == 0:
+        return [0] * len(scores)
+    # Ranks, not a threshold, so ties at the boundary are split exactly as topk splits them.
+    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([s.numel() for s in scores]))
+    chosen = owner[flat.topk(count).indices]
+    return torch.bincount(chosen, minlength=len(scores)).tolist()
+
+
+def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> None:
+    """``outlier_scope="model"``: rank the weights of all calibrated layers together and store
+    each layer's outlier mask (``[out, in]``) on its calibration state.  ``layers``:
+    ``(weight [out, in], state, grad_in_out)``; tied weights (one state) count once; layers
+    that will stay dense (no gradient) take no share.  Holds every layer's fp32 scores
+    (and one flat copy) while ranking: 8 bytes per weight at the peak.
+    """
+    seen, entries = set(), []
+    for weight, state, grad_in_out in layers:
+        if state is None or id(state) in seen or state.quantized is not None:
+            continue
+        seen.add(id(state))
+        if (config.needs_gradients and state.n_backward == 0) or (config.needs_hessian and state.hessian is None):
+            continue
+        scores = layer_saliency(weight, state, config, grad_in_out)
+        calibration.check_finite(scores, "the saliency", state.name)
+        entries.append((state, scores))
+    counts = model_outlier_counts([s for _, s in entries], config.outlier_ratio)
+    for (state, scores), count in zip(entries, counts):
+        state.outlier_mask = select_outliers(scores, config.outlier_ratio, "model", count)
+
+
+def layer_outlier_mask(weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False) -> torch.Tensor:
+    """The layer's outliers: its own top scores, or its share of the model-wide ranking
+    (``outlier_scope="model"``, which :func:`rank_model_outliers` must have run)."""
+    if config.outlier_scope == "model":
+        if state.outlier_mask is None:
+            raise ValueError(
+                f"layer {state.name!r}: outlier_scope='model' ranks all layers together; convert with "
+                "gwq_compile.quantize_, the gwq backend, or torchao's quantize_ with filter_fn=gwq_filter(model, config)"
+            )
+        return state.outlier_mask
+    saliency = layer_saliency(weight, state, config, grad_in_out)
+    calibration.check_finite(saliency, "the saliency", state.name)
+    return select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
 
 
 def quantize_weight(
@@ -126,15 +217,14 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
             what = "gradient" if missing_grad else "forward input (Hessian)"
             warnings.warn(f"layer {state.name!r} received no {what} during calibration; it stays unquantized", stacklevel=3)
             return module
-        saliency = layer_saliency(weight, state, config)
-        calibration.check_finite(saliency, "the saliency", state.name)
-        mask = select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
+        mask = layer_outlier_mask(weight, state, config)
         try:
             warn_no_input_sq(state, config)
             qweight = quantize_weight(weight, mask, config, state.hessian, state.input_sq)
         except ValueError as err:
             raise ValueError(f"layer {state.name!r}: {err}") from err
         state.quantized = torch.nn.Parameter(qweight, requires_grad=False)
+        state.outlier_mask = None  # packed into qweight's CSR now
         calibration.release_weight(weight)
         setattr(weight, calibration._STATE_ATTR, state)  # keep the result reachable for tied modules
     module.weight = state.quantized
@@ -195,11 +285,17 @@ def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str,
 def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.Module, str], bool]:
     """A ``filter_fn`` for ``torchao.quantization.quantize_`` applying GWQ's skip rules.
 
+    For a ``step="convert"`` config with ``outlier_scope="model"`` it also ranks the
+    calibrated layers together (torchao's handler sees one module at a time).
+
     Example:
         >>> import torchao                                                          # doctest: +SKIP
         >>> torchao.quantization.quantize_(model, cfg, filter_fn=gwq_filter(model, cfg))  # doctest: +SKIP
     """
-    chosen = {id(m): name for name, m in target_linears(model, config)}
+    targets = target_linears(model, config)
+    chosen = {id(m): name for name, m in targets}
+    if config.step == "convert" and config.outlier_scope == "model":
+        rank_model_outliers([(m.weight, calibration.layer_state(m.weight), False) for _, m in targets], config)
 
     def _filter(module: torch.nn.Module, fqn: str) -> bool:
         if id(module) in chosen:
@@ -266,6 +362,10 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
         for _, m in prepared:
             calibration.release_weight(m.weight)
         raise ValueError("no layer received a gradient between prepare and convert: call loss.backward() on a loss of the model's output")
+    if config.outlier_scope == "model":
+        pending = [(m.weight, calibration.layer_state(m.weight), False) for _, m in prepared if not isinstance(m.weight, GWQTensor)]
+        if any(state.outlier_mask is None for _, state, _ in pending):  # the backend ranks them with its Conv1D layers first
+            rank_model_outliers(pending, config)
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
         convert_linear(mod, config)
     for _, mod in prepared:  # drop the tied-weight bookkeeping left on old parameters

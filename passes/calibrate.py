@@ -311,11 +311,7 @@ def _convert_conv1d(module: torch.nn.Module, name: str, config: GWQConfig) -> Op
         warnings.warn(f"layer {name!r} received no gradient during calibration; it stays unquantized", stacklevel=4)
         return None
     w_out_in = weight.detach().t().contiguous()
-    saliency = quantize.layer_saliency(w_out_in, state, config)
-    if config.saliency != "hessian":
-        saliency = saliency.t()  # gradients have the weight's [in, out] shape
-    calibration.check_finite(saliency, "the saliency", name)
-    mask = quantize.select_outliers(saliency.contiguous(), config.outlier_ratio, config.outlier_scope)
+    mask = quantize.layer_outlier_mask(w_out_in, state, config, grad_in_out=True)  # gradients have the weight's [in, out] shape
     try:
         quantize.warn_no_input_sq(state, config)
         packed = quantize.quantize_weight(w_out_in, mask, config, state.hessian, state.input_sq)
@@ -446,6 +442,12 @@ def _calibrate(
                 stacklevel=4,
             )
         _check_some_gradient(linears + convs, config)
+        if config.outlier_scope == "model":  # one ranking over the Linear and Conv1D layers together
+            quantize.rank_model_outliers(
+                [(m.weight, calibration.layer_state(m.weight), False) for _, m in linears]
+                + [(m.weight.detach().t().contiguous(), calibration.layer_state(m.weight), True) for _, m in convs],
+                config,
+            )
         if linears:
             quantize.convert_targets(model, linears, config)
         packed_convs = {name: _convert_conv1d(mod, name, config) for name, mod in convs}

@@ -375,7 +375,7 @@ def test_first_call_calibration_of_a_non_lm_uses_output_energy() -> None:
     fp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     model = copy.deepcopy(fp)
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(9))
-    cfg = {**CFG, "skip_modules": ()}
+    cfg = {**CFG, "skip_modules": (), "saliency": "grad", "outlier_scope": "layer"}  # the paper's |g| per layer: checkable by hand
     compiled = torch.compile(model, backend="gwq", options=cfg)
     with pytest.warns(UserWarning, match="'output_energy' loss"), torch.no_grad():
         compiled(x)
@@ -572,14 +572,25 @@ def test_qwen2_fullgraph_matches_eager() -> None:
     assert_masks_equal(gwq_masks(model), gwq_masks(eager))
 
 
-def test_gpt2_conv1d_layers_are_captured_and_quantized() -> None:
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {"saliency": "grad", "outlier_scope": "layer"},  # the paper's
+        {"saliency": "grad_error", "outlier_scope": "model", "clip_search": False},  # the default's ranking (min/max grid: checkable by hand)
+    ],
+)
+def test_gpt2_conv1d_layers_are_captured_and_quantized(selection) -> None:
     from transformers.pytorch_utils import Conv1D
+
+    from gwq_compile import packing
+    from gwq_compile.quantize import model_outlier_counts
 
     fp = _hf_small("gpt2", seed=2)
     model = copy.deepcopy(fp)
     ids = token_ids(2, 16, seed=14, vocab=128)
     before = counts()
-    compiled = torch.compile(model, backend="gwq", options={**CFG, "calibration_data": ids}, fullgraph=True)
+    options = {**CFG, **selection}
+    compiled = torch.compile(model, backend="gwq", options={**options, "calibration_data": ids}, fullgraph=True)
     out = _lm_logits(compiled, ids)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
     assert delta(before)["linear_rewritten"] == len(convs) == 4
@@ -596,9 +607,18 @@ def test_gpt2_conv1d_layers_are_captured_and_quantized() -> None:
         for n, m in reference.named_modules():
             if n in saliency:
                 saliency[n] = saliency[n] + m.weight.grad.abs().t()
+    if selection["saliency"] == "grad_error":  # |g| x squared rounding error on the [out, in] min/max grid
+        for n, m in fp.named_modules():
+            if n in saliency:
+                w = m.weight.detach().t().contiguous()
+                rtn = packing.dequantize_weight(packing.quantize_weight(w, None, CFG["bits"], CFG["group_size"]))
+                saliency[n] = saliency[n] * (w - rtn).square()
+    names = sorted(saliency)
+    shares = dict(zip(names, model_outlier_counts([saliency[n] for n in names], CFG["outlier_ratio"])))
     for n, layer in layers.items():
         assert layer.layout == "in_out"
-        assert torch.equal(layer.outlier_mask, select_outliers(saliency[n], CFG["outlier_ratio"], "layer")), n
+        expected = select_outliers(saliency[n], CFG["outlier_ratio"], selection["outlier_scope"], shares[n])
+        assert torch.equal(layer.outlier_mask, expected), n
     # output: the FP model with each Conv1D weight replaced by its dequantized packed weight
     dense_gwq = copy.deepcopy(fp)
     for n, m in dense_gwq.named_modules():

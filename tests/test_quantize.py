@@ -87,7 +87,7 @@ def test_outlier_fraction_equals_ratio(llama, token_ids, scope) -> None:
 def test_masks_are_the_top_saliency_weights(llama, token_ids, kind) -> None:
     batches = [token_ids[:1], token_ids[1:]]
     expected = _grads(llama, batches, kind)
-    quantize_(llama, GWQConfig(**{**CFG, "saliency": kind}), calibration_data=batches)
+    quantize_(llama, GWQConfig(**{**CFG, "saliency": kind, "outlier_scope": "layer"}), calibration_data=batches)
     for name, mod in _linears(llama).items():
         if name == "lm_head":
             continue
@@ -95,6 +95,50 @@ def test_masks_are_the_top_saliency_weights(llama, token_ids, kind) -> None:
         sal = expected[name]
         # every chosen weight is at least as salient as every weight left out (ties aside)
         assert sal[mask].min() >= sal[~mask].max() * (1 - 1e-4), name
+
+
+def test_model_scope_ranks_all_layers_together(llama, token_ids) -> None:
+    ratio = 0.02
+    expected = _grads(llama, [token_ids[:1]], "grad")
+    quantize_(llama, GWQConfig(**{**CFG, "outlier_ratio": ratio, "saliency": "grad", "outlier_scope": "model"}), calibration_data=token_ids[:1])
+    layers = {n: m.weight for n, m in _linears(llama).items() if n != "lm_head"}
+    counts = [w.num_outliers for w in layers.values()]
+    assert sum(counts) == round(ratio * sum(w.numel() for w in layers.values()))
+    assert len(set(counts)) > 1  # not the same share everywhere: sensitive layers get more
+    chosen = torch.cat([expected[n][w.outlier_mask()] for n, w in layers.items()])
+    left_out = torch.cat([expected[n][~w.outlier_mask()] for n, w in layers.items()])
+    assert chosen.min() >= left_out.max() * (1 - 1e-4)
+
+
+def test_grad_error_scores_gradient_times_squared_rounding_error(llama, token_ids) -> None:
+    from gwq_compile import packing
+
+    dense = {n: m.weight.detach().clone() for n, m in _linears(llama).items()}
+    grads = _grads(llama, [token_ids[:1]], "grad")
+    cfg = GWQConfig(**{**CFG, "saliency": "grad_error", "outlier_scope": "layer", "clip_search": False})
+    quantize_(llama, cfg, calibration_data=token_ids[:1])
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        rtn = packing.dequantize_weight(packing.quantize_weight(dense[name], None, cfg.bits, cfg.group_size))
+        score = grads[name] * (dense[name] - rtn).square()
+        mask = mod.weight.outlier_mask()
+        assert mask.sum() == round(cfg.outlier_ratio * mask.numel()), name
+        assert score[mask].min() >= score[~mask].max() * (1 - 1e-4), name
+
+
+def test_grad_error_spends_no_outlier_on_a_weight_already_on_the_grid() -> None:
+    from gwq_compile import calibration
+    from gwq_compile.quantize import layer_saliency, select_outliers
+
+    weight = torch.arange(16.0).repeat(2, 2) / 16  # every weight sits on its group's 4-bit grid (scale 1/16, exact in fp16) ...
+    weight[1, 5] += 0.02  # ... but one
+    grad = torch.ones_like(weight)
+    grad[0, 3] = 1e6  # the most sensitive weight rounds exactly: keeping it in fp16 gains nothing
+    state = calibration.LayerCalibration(name="toy", saliency_kind="grad_error", saliency_sum=grad, n_backward=1)
+    cfg = GWQConfig(bits=4, group_size=16, saliency="grad_error", outlier_scope="layer", clip_search=False)
+    mask = select_outliers(layer_saliency(weight, state, cfg), 1 / 64, "layer")
+    assert mask.nonzero().tolist() == [[1, 5]]
 
 
 def test_quantized_forward_equals_dense_dequantized_forward(llama, token_ids) -> None:
@@ -141,6 +185,23 @@ def test_torchao_quantize_path(llama, token_ids) -> None:
     torchao.quantization.quantize_(llama, convert, filter_fn=gwq_filter(llama, convert))
     assert quantization_report(llama)["quantized_layers"] == 14
     assert torch.isfinite(llama(ids).logits).all()
+
+
+def test_torchao_path_ranks_the_model_through_gwq_filter(llama, token_ids) -> None:
+    ids = token_ids[:1]
+    reference = copy.deepcopy(llama)
+    cfg = GWQConfig(**{**CFG, "outlier_scope": "model"})
+    quantize_(reference, cfg, calibration_data=ids)
+    prepare = cfg.replace(step="prepare")
+    torchao.quantization.quantize_(llama, prepare, filter_fn=gwq_filter(llama, prepare))
+    next_token_nll(llama(ids).logits, ids).backward()
+    convert = cfg.replace(step="convert")
+    with pytest.raises(ValueError, match="gwq_filter"):  # a filter that does not rank the model first
+        torchao.quantization.quantize_(llama, convert, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
+    torchao.quantization.quantize_(llama, convert, filter_fn=gwq_filter(llama, convert))
+    for name, mod in _linears(llama).items():
+        if name != "lm_head":
+            assert torch.equal(mod.weight.outlier_mask(), _linears(reference)[name].weight.outlier_mask()), name
 
 
 def test_torchao_one_shot_without_data_is_a_clear_error() -> None:

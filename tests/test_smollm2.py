@@ -34,7 +34,8 @@ def smollm2():
 
 
 def test_w4_gwq_close_to_fp_and_better_than_rtn(smollm2) -> None:
-    """The shipped default config (W4 g64 + 0.5 %, act_mse ranges) on the real model."""
+    """The shipped default config (W4 g64 + 0.5 %, act_mse ranges, outliers ranked by |g| x squared
+    rounding error over the whole model) on the real model."""
     model, tokenizer, test_ids = smollm2
     ppl_fp = perplexity(model, test_ids, SEQLEN, WINDOWS, progress=False)
 
