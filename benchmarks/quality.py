@@ -74,6 +74,8 @@ GWQ_VARIANTS = {
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
 GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
+#: The variant whose selection is the default GWQConfig's (drawn in black).
+DEFAULT_METHOD = "gwq_err_model"
 Q4_1_CAVEAT = (
     "SmolLM2 weights come from a Q4_1 GGUF (asymmetric 4-bit blocks of 32): a 4-bit g32 grid "
     "nearly reproduces them, so this point is not a win of any method"
@@ -481,7 +483,7 @@ def budget_table(rows: list[dict]) -> list[str]:
     if fp and w4:
         gap = 100 * (w4["perplexity"] / fp["perplexity"] - 1)
         lines += ["", f"Best W4-class GWQ row (<= 4.6 bpw): {w4['label']} at {w4['bits_per_weight']:.3f} bpw, perplexity {w4['perplexity']:.2f} "
-                      f"vs FP {fp['perplexity']:.2f}: {gap:+.1f}% ({'within' if gap <= 10 else 'not within'} 10%)."]  # fmt: skip
+                      f"vs FP {fp['perplexity']:.2f}: {gap:+.2f}% ({'within' if gap <= 10 else 'not within'} 10%)."]  # fmt: skip
     return lines
 
 
@@ -496,31 +498,50 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["rows"].values() if r["key_settings"] == _eval_settings(settings)]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for method in METHODS:
+    fp = next((r for r in rows if r["method"] == "fp"), None)
+    # Clip the y axis at 10x FP (a collapsed 2-bit RTN row would squash every other line); rows
+    # above it are drawn on the top edge as triangles and named in the legend with their value.
+    top = 10 * fp["perplexity"] if fp else None
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = plt.get_cmap("tab20").colors
+    off_scale = []
+    for i, method in enumerate(m for m in METHODS if m != "fp"):
         pts = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["method"] == method and not r["note"]]
-        if method == "fp" or not pts:
+        if not pts:
             continue
-        front = pareto_front(pts)
-        line = ax.plot(*zip(*front), marker="o", label=method)[0]
-        ax.scatter(*zip(*pts), color=line.get_color(), s=12, alpha=0.5)
+        style = "-" if method in GWQ_VARIANTS else "--"  # GWQ variants solid, peers dashed
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+        width = 1.5
+        if method == DEFAULT_METHOD:
+            color, width = "black", 2.5
+        front = [(b, min(p, top) if top else p) for b, p in pareto_front(pts)]
+        ax.plot(*zip(*front), marker="o", linestyle=style, color=color, linewidth=width,
+                label=f"{method} (default GWQConfig)" if method == DEFAULT_METHOD else method)  # fmt: skip
+        ax.scatter(*zip(*[(b, min(p, top) if top else p) for b, p in pts]), color=color, s=12, alpha=0.5)
         for r in rows:
             if r["method"] == method and not r["note"]:
-                ax.annotate(f"W{r['bits']}g{r['group_size']}", (r["bits_per_weight"], r["perplexity"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points", color=line.get_color())  # fmt: skip
+                y = r["perplexity"]
+                if top and y > top:
+                    off_scale.append(f"{r['label']}: {y:.0f}")
+                    ax.scatter([r["bits_per_weight"]], [top], marker="^", color=color, s=40)
+                    y = top
+                ax.annotate(f"W{r['bits']}g{r['group_size']}", (r["bits_per_weight"], y), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
     caveat = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["note"]]
     if caveat:
         ax.scatter(*zip(*caveat), marker="x", color="gray", label="4-bit g32 (Q4_1 grid, not a win)")
-    fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp:
-        ax.axhline(fp["perplexity"], color="black", linestyle="--", linewidth=1, label=f"fp32 ({fp['perplexity']:.2f})")
+        ax.axhline(fp["perplexity"], color="black", linestyle=":", linewidth=1, label=f"fp32 ({fp['perplexity']:.2f})")
+        ax.set_ylim(top=top * 1.05)
+    if off_scale:
+        ax.plot([], [], marker="^", linestyle="none", color="gray", label="off scale: " + ", ".join(off_scale))
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes + scales + zeros + outliers + indices)")
     ax.set_ylabel(f"WikiText-2 {settings.eval_split} perplexity (log)")
     win = "all" if settings.max_windows is None else settings.max_windows
     ax.set_title(f"SmolLM2-135M, seqlen {settings.seqlen}, {win} windows: Pareto front per method")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
