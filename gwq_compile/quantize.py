@@ -67,12 +67,20 @@ def select_outliers(saliency: torch.Tensor, ratio: float, scope: str, count: int
     return mask
 
 
+def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool | str:
+    """The layer's ``clip_search``: ``"act_mse"`` without a recorded input (see
+    :func:`warn_no_input_sq`) falls back to plain min/max, not to an unweighted guess."""
+    if packing.clip_search_mode(config.clip_search) == "act_mse" and input_sq is None:
+        return False
+    return config.clip_search
+
+
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
     w = weight.detach().float()
-    # no input recorded (see warn_no_input_sq): min/max, as quantize_weight falls back
-    clip_search = False if packing.clip_search_mode(config.clip_search) == "act_mse" and input_sq is None else config.clip_search
-    scales, zeros = packing.compute_group_qparams(w, None, config.bits, config.group_size, config.symmetric, clip_search, importance=input_sq)
+    scales, zeros = packing.compute_group_qparams(
+        w, None, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
+    )
     codes = packing.quantize_to_codes(w, scales, zeros, config.bits, config.group_size)
     return (w - packing.dequantize_codes(codes, scales, zeros, config.group_size)).abs_()
 
@@ -113,6 +121,11 @@ def model_outlier_counts(scores: list[torch.Tensor], ratio: float) -> list[int]:
     owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([s.numel() for s in scores]))
     chosen = owner[flat.topk(count).indices]
     return torch.bincount(chosen, minlength=len(scores)).tolist()
+
+
+def ranking_entries(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, calibration.LayerCalibration, bool]]:
+    """``(weight [out, in], state, grad_in_out=False)`` of ``nn.Linear`` modules for :func:`rank_model_outliers`."""
+    return [(m.weight, calibration.layer_state(m.weight), False) for m in modules]
 
 
 def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> None:
@@ -158,9 +171,6 @@ def quantize_weight(
     """Pack one dense weight with the given outliers: RTN (on the ``clip_search`` grid; ``input_sq``
     weights it for ``"act_mse"``), or GPTQ-compensated non-outliers."""
     w = weight.detach()
-    clip_search = config.clip_search
-    if config.needs_input_sq and input_sq is None:
-        clip_search = False  # no input recorded (see warn_no_input_sq): plain min/max, not an unweighted guess
     if config.compensation in ("gptq", "gptq_act"):
         from gwq_compile.gptq import gptq_quantize_weight
 
@@ -170,7 +180,7 @@ def quantize_weight(
         )
     else:
         packed = packing.quantize_weight(
-            w, outlier_mask, config.bits, config.group_size, config.symmetric, clip_search, importance=input_sq
+            w, outlier_mask, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
         )
     return GWQTensor.from_packed(packed, w.dtype)
 
@@ -295,7 +305,7 @@ def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.
     targets = target_linears(model, config)
     chosen = {id(m): name for name, m in targets}
     if config.step == "convert" and config.outlier_scope == "model":
-        rank_model_outliers([(m.weight, calibration.layer_state(m.weight), False) for _, m in targets], config)
+        rank_model_outliers(ranking_entries([m for _, m in targets]), config)
 
     def _filter(module: torch.nn.Module, fqn: str) -> bool:
         if id(module) in chosen:
@@ -363,7 +373,7 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
             calibration.release_weight(m.weight)
         raise ValueError("no layer received a gradient between prepare and convert: call loss.backward() on a loss of the model's output")
     if config.outlier_scope == "model":
-        pending = [(m.weight, calibration.layer_state(m.weight), False) for _, m in prepared if not isinstance(m.weight, GWQTensor)]
+        pending = ranking_entries([m for _, m in prepared if not isinstance(m.weight, GWQTensor)])
         if any(state.outlier_mask is None for _, state, _ in pending):  # the backend ranks them with its Conv1D layers first
             rank_model_outliers(pending, config)
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):

@@ -444,7 +444,7 @@ def _calibrate(
         _check_some_gradient(linears + convs, config)
         if config.outlier_scope == "model":  # one ranking over the Linear and Conv1D layers together
             quantize.rank_model_outliers(
-                [(m.weight, calibration.layer_state(m.weight), False) for _, m in linears]
+                quantize.ranking_entries([m for _, m in linears])
                 + [(m.weight.detach().t().contiguous(), calibration.layer_state(m.weight), True) for _, m in convs],
                 config,
             )
