@@ -17,6 +17,10 @@ Two kernel families share one dequantization helper and one epilogue helper:
   GEMM with grouped ("super-grouped") program ordering for L2 reuse, one program per
   output tile, the whole K loop inside, a direct masked store in the output dtype.
 
+and a third, unfused path that the launcher takes for M > 16 because it is faster on an
+H100 (numbers in the comment above it): :func:`gwq_dequant_kernel` +
+:func:`gwq_scatter_outliers_kernel` write the dense weight, then cuBLAS multiplies.
+
 Outliers (the CSR part) are read inside the kernel, not by a second kernel or a dense
 ``W`` matrix: after its K loop a program loads ``row_ptr`` for its ``BLOCK_N`` output
 columns and loops ``j`` up to the largest row count in the tile, gathering
@@ -302,6 +306,110 @@ def gwq_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))
 
 
+# ----------------------------------------------------------------------------- large M: dequantize, then cuBLAS
+#
+# Measured on an H100 (benchmarks/results/kernel_probe_nvidia-h100-80gb-hbm3.json): at
+# M = 2048 on 4096 x 4096 the fused GEMM above takes 3.0 ms with outliers and 0.54 ms
+# without them, against 90 us for cuBLAS fp16, while dequantizing to a dense fp16 weight
+# and calling cuBLAS took 160 us with a first, naive dequantization kernel.  Prefill is
+# compute-bound (68.7 GFLOP against 9.5 MB of packed weight), so re-reading a dense
+# weight once per call costs little next to the product, and cuBLAS's product is far
+# faster than ours.  These two kernels write that dense weight.
+
+
+@triton.jit
+def _split_bytes(byte, WIDTH: tl.constexpr):
+    """``[R, B]`` bytes -> ``[R, B * (8 // WIDTH)]`` codes, code ``j`` of byte ``b`` at column
+    ``b * (8 // WIDTH) + j``.  ``tl.join`` puts each new axis innermost, so the codes are
+    joined in bit-reversed order (``join(evens, odds)``, recursively) and the reshape is
+    then a plain row-major flattening that keeps each byte's codes in one thread."""
+    R: tl.constexpr = byte.shape[0]
+    B: tl.constexpr = byte.shape[1]
+    if WIDTH == 8:
+        return byte
+    elif WIDTH == 4:
+        return tl.reshape(tl.join(byte & 15, byte >> 4), (R, B * 2))
+    elif WIDTH == 2:
+        c0 = byte & 3
+        c1 = (byte >> 2) & 3
+        c2 = (byte >> 4) & 3
+        c3 = (byte >> 6) & 3
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (R, B * 4))
+    else:
+        c0 = byte & 1
+        c1 = (byte >> 1) & 1
+        c2 = (byte >> 2) & 1
+        c3 = (byte >> 3) & 1
+        c4 = (byte >> 4) & 1
+        c5 = (byte >> 5) & 1
+        c6 = (byte >> 6) & 1
+        c7 = (byte >> 7) & 1
+        evens = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        odds = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        return tl.reshape(tl.join(evens, odds), (R, B * 8))
+
+
+@triton.jit
+def _plane_rows(row_ptrs, k0, K, mask_n, BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+    """Codes ``[BLOCK_N, BLOCK_K]`` (int32) of one plane, rows along N, K contiguous: each
+    byte loaded once as a ``[BLOCK_N, BLOCK_K // PER_BYTE]`` tile."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    offs_b = k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)
+    mask = mask_n[:, None] & (offs_b[None, :] * PER_BYTE < K)
+    return _split_bytes(tl.load(row_ptrs + offs_b[None, :], mask=mask, other=0).to(tl.int32), WIDTH)
+
+
+@triton.jit
+def gwq_dequant_kernel(
+    codes_ptr, scales_ptr, zeros_ptr, w_ptr,
+    N, K, plane1_offset, stride_cn, stride_sn, stride_zn, stride_wn,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Dense ``w[N, K]`` (its dtype) ``= (code - zero) * scale`` for one ``[BLOCK_N, BLOCK_K]``
+    tile, computed in fp32.  Outlier positions hold the zero code, so they come out
+    exactly 0 and :func:`gwq_scatter_outliers_kernel` can store (not add) the outliers."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_k[None, :] < K)
+    row_ptrs = codes_ptr + offs_n[:, None].to(tl.int64) * stride_cn
+    if BITS == 3:
+        codes = _plane_rows(row_ptrs, k0, K, mask_n, BLOCK_K, 2) | (_plane_rows(row_ptrs + plane1_offset, k0, K, mask_n, BLOCK_K, 1) << 2)
+    else:
+        codes = _plane_rows(row_ptrs, k0, K, mask_n, BLOCK_K, BITS)
+    if GROUP_SIZE % BLOCK_K == 0:  # the tile lies inside one group: one scale and zero per row
+        g = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(zeros_ptr + offs_n * stride_zn + g, mask=mask_n, other=0).to(tl.float32)[:, None]
+    else:  # any group size: each element gathers its group's (cached) scale and zero
+        g = offs_k[None, :] // GROUP_SIZE
+        scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g, mask=mask, other=0).to(tl.float32)
+    w = (codes.to(tl.float32) - zero) * scale
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gwq_scatter_outliers_kernel(
+    row_ptr_ptr, col_idx_ptr, values_ptr, w_ptr, N, stride_wn, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """``w[n, col_idx[j]] = values[j]`` for the CSR entries of ``BLOCK_N`` rows (entry ``j``
+    of every row in one step, up to the longest row)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    start = tl.load(row_ptr_ptr + offs_n, mask=mask_n, other=0)
+    count = tl.load(row_ptr_ptr + offs_n + 1, mask=mask_n, other=0) - start
+    rows = w_ptr + offs_n.to(tl.int64) * stride_wn
+    for j in range(0, tl.reduce(count, 0, _max_combine)):
+        valid = j < count
+        col = tl.load(col_idx_ptr + start + j, mask=valid, other=0).to(tl.int64)
+        val = tl.load(values_ptr + start + j, mask=valid, other=0.0)
+        tl.store(rows + col, val.to(w_ptr.dtype.element_ty), mask=valid)
+
+
 # ----------------------------------------------------------------------------- autotune configs + pruners
 
 #: ``True`` when this copy of the module was decorated by the Triton interpreter.
@@ -343,6 +451,16 @@ def gemm_configs(interpreted: bool = INTERPRETED) -> list[triton.Config]:
             triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
         )
     return configs
+
+
+def dequant_configs(interpreted: bool = INTERPRETED) -> list[triton.Config]:
+    """Autotune space of :func:`gwq_dequant_kernel` (one config under the interpreter)."""
+    if interpreted:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+        for bn, bk, w in [(32, 128, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4), (16, 256, 4), (32, 256, 4)]
+    ]
 
 
 def _next_pow2(n: int) -> int:
@@ -416,6 +534,12 @@ gwq_splitk_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_splitk_configs},
     reset_to_zero=["out_ptr"],
 )(gwq_splitk_kernel)
+
+gwq_dequant_autotuned = triton.autotune(
+    configs=dequant_configs(),
+    key=["N", "K", "BITS", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: _prefer_group_aligned(configs, {**named_args, **kw}["GROUP_SIZE"])},
+)(gwq_dequant_kernel)
 
 gwq_gemm_autotuned = triton.autotune(
     configs=gemm_configs(),

@@ -5,8 +5,10 @@
 leading dims of ``x``, picks the kernel family, allocates the output and launches.
 
 Dispatch: ``M <= SMALL_M_MAX`` (16) rows go to the GEMV / split-K kernel, larger M to
-the tiled ``tl.dot`` GEMM (``path="splitk"``/``"gemm"`` forces one).  Both families
-read the CSR outliers in-kernel (see :mod:`gwq_compile.codegen.kernels`).
+the dense path (a Triton kernel dequantizes the weight, outliers included, into x's dtype,
+then ``F.linear``/cuBLAS multiplies); the fused tiled ``tl.dot`` GEMM stays available as
+``path="gemm"`` (``path=`` forces any of the three).  The two fused families read the
+CSR outliers in-kernel (see :mod:`gwq_compile.codegen.kernels`).
 
 Inputs: ``x`` may have any leading dims and any strides.  It is flattened with
 ``x.reshape(-1, K)`` (a view whenever the leading dims can be merged, which includes
@@ -58,17 +60,18 @@ import torch
 from gwq_compile import ops as _ops
 from gwq_compile import packing
 
-__all__ = ["SMALL_M_MAX", "PATHS", "gwq_linear_triton", "kernels_module", "select_path", "triton_interpreting", "use_interpreter"]
+__all__ = ["SMALL_M_MAX", "PATHS", "gwq_dequantize_triton", "gwq_linear_triton", "kernels_module", "select_path", "triton_interpreting", "use_interpreter"]
 
 #: Rows up to which the GEMV / split-K family is used (decode and small batches).
 SMALL_M_MAX = 16
 #: Values of the ``path`` argument.
-PATHS = ("auto", "splitk", "gemm")
+PATHS = ("auto", "splitk", "gemm", "dense")
 
 _KERNELS = "gwq_compile.codegen.kernels"
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _loaded: dict[bool, ModuleType] = {}
 _CONFIG_KEYS = {
+    "dense": {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"},
     "splitk": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"},
     "gemm": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"},
 }
@@ -221,18 +224,21 @@ def _check(
 
 
 def select_path(m: int, path: str = "auto") -> str:
-    """The kernel family for ``m`` rows: ``"splitk"`` for ``m <= SMALL_M_MAX``, else ``"gemm"``.
+    """The kernel family for ``m`` rows: ``"splitk"`` for ``m <= SMALL_M_MAX``, else ``"dense"``
+    (dequantize to a dense weight, then ``torch.matmul``); ``"gemm"``, the fused tiled
+    kernel, is only taken when asked for (it measured 5-30x slower than cuBLAS on an H100,
+    see :mod:`~gwq_compile.codegen.kernels`).
 
     Example:
         >>> from gwq_compile.codegen.launch import select_path
         >>> select_path(1), select_path(17), select_path(1, "gemm")
-        ('splitk', 'gemm', 'gemm')
+        ('splitk', 'dense', 'gemm')
     """
     if path not in PATHS:
         raise ValueError(f"gwq_linear_triton: path must be one of {PATHS}, got {path!r}")
     if path != "auto":
         return path
-    return "splitk" if m <= SMALL_M_MAX else "gemm"
+    return "splitk" if m <= SMALL_M_MAX else "dense"
 
 
 def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[str, int]:
@@ -240,20 +246,25 @@ def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[st
     if unknown:
         raise ValueError(f"gwq_linear_triton: config keys {sorted(unknown)} are not knobs of the {path} kernel ({sorted(_CONFIG_KEYS[path])})")
     cfg = dict(config)
-    required = {"BLOCK_N", "BLOCK_K"} | ({"SPLIT_K"} if path == "splitk" else {"BLOCK_M"})
+    required = {"BLOCK_N", "BLOCK_K"} | {"splitk": {"SPLIT_K"}, "gemm": {"BLOCK_M"}, "dense": set()}[path]
     missing = required - set(cfg)
     if missing:
         raise ValueError(f"gwq_linear_triton: config for the {path} kernel lacks {sorted(missing)}")
-    cfg.setdefault("BLOCK_M", block_m)  # split-K: from M unless forced
+    if path != "dense":
+        cfg.setdefault("BLOCK_M", block_m)  # split-K: from M unless forced
     if path == "gemm":
         cfg.setdefault("GROUP_M", 8)
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if key not in cfg:
+            continue
         value = cfg[key]
         if value < 1 or value & (value - 1):
             raise ValueError(f"gwq_linear_triton: config {key} must be a power of two, got {value}")
-    uses_dot = path == "gemm" or cfg["BLOCK_M"] >= 16
+    uses_dot = path == "gemm" or (path == "splitk" and cfg["BLOCK_M"] >= 16)
     if uses_dot and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         raise ValueError(f"gwq_linear_triton: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16, got {cfg}")
+    if path == "dense" and cfg["BLOCK_K"] < 8:
+        raise ValueError(f"gwq_linear_triton: the dense path needs BLOCK_K >= 8 (a byte of the 1-bit plane), got {cfg['BLOCK_K']}")
     if cfg.get("SPLIT_K", 1) < 1:
         raise ValueError(f"gwq_linear_triton: config SPLIT_K must be >= 1, got {cfg['SPLIT_K']}")
     return cfg
@@ -326,6 +337,11 @@ def _launch(
             grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(m, cfg["BLOCK_M"]))
             wrap(mod.gwq_splitk_kernel)[grid](*args, **common, **cfg)
         out = workspace if x.dtype == torch.float32 else workspace.to(x.dtype)
+    elif chosen == "dense":
+        # W = dequant(codes) + scatter(outliers) in x's dtype (two launches), then cuBLAS.
+        weight = _dequantize(wrap, mod, codes, scales, zeros, row_ptr, col_idx, values, bits, group_size, k, x.dtype, config)
+        # fp32 x: torch.matmul's default fp32 product (TF32 only if the user enabled it).
+        out = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
     else:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         m_bucket = min(4096, max(16, triton.next_power_of_2(m)))
@@ -342,6 +358,63 @@ def _launch(
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
             wrap(mod.gwq_gemm_kernel)[grid](*args, **common, **cfg)
     return out.reshape(out_shape)
+
+
+def _dequantize(
+    wrap: Callable[[object], object],
+    mod: ModuleType,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    bits: int,
+    group_size: int,
+    k: int,
+    dtype: torch.dtype,
+    config: Optional[Mapping[str, int]],
+) -> torch.Tensor:
+    """Dense ``[N, K]`` weight in ``dtype``: the dequantization kernel, then the outlier scatter."""
+    triton = _require_triton()
+    n = codes.shape[0]
+    weight = torch.empty(n, k, device=codes.device, dtype=dtype)
+    plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
+    args = (codes, scales, zeros, weight, n, k, plane1_offset, codes.stride(0), scales.stride(0), zeros.stride(0), weight.stride(0))
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+        wrap(mod.gwq_dequant_autotuned)[grid](*args, BITS=bits, GROUP_SIZE=group_size)
+    else:
+        cfg = _check_config(config, "dense", 0)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
+        wrap(mod.gwq_dequant_kernel)[grid](*args, BITS=bits, GROUP_SIZE=group_size, **cfg)
+    if values.numel():
+        rows_per_program = 128
+        wrap(mod.gwq_scatter_outliers_kernel)[(triton.cdiv(n, rows_per_program),)](
+            row_ptr, col_idx, values, weight, n, weight.stride(0), BLOCK_N=rows_per_program
+        )
+    return weight
+
+
+def gwq_dequantize_triton(packed: packing.PackedWeight, dtype: torch.dtype = torch.float32, config: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+    """The dense weight ``dequant(codes) + scatter(outliers)`` computed by the Triton kernels
+    of the dense path (compiled on CUDA, interpreted on CPU); equal to
+    :func:`gwq_compile.packing.dequantize_weight` in fp32.
+
+    Example:
+        >>> import torch
+        >>> from gwq_compile import packing
+        >>> p = packing.quantize_weight(torch.randn(8, 50), torch.rand(8, 50) < 0.1, bits=3, group_size=16)
+        >>> bool(torch.equal(gwq_dequantize_triton(p), packing.dequantize_weight(p)))
+        True
+    """
+    if dtype not in _ACT_DTYPES:
+        raise TypeError(f"gwq_dequantize_triton: dtype must be float16, bfloat16 or float32, got {dtype}")
+    interpret = use_interpreter(packed.packed_codes.device)
+    if interpret and dtype == torch.bfloat16:
+        raise TypeError("gwq_dequantize_triton: bfloat16 needs a GPU (the Triton interpreter has no bfloat16)")
+    fields = [t.contiguous() for t in packed[:6]]
+    return _dequantize(_identity, kernels_module(interpret), *fields, packed.bits, packed.group_size, packed.in_features, dtype, config)
 
 
 def _identity(kernel: object) -> object:
@@ -373,7 +446,8 @@ def gwq_linear_triton(
             outlier_values, bits, group_size, in_features: the packed weight
             (:class:`gwq_compile.packing.PackedWeight`); ``group_size`` -1 means per channel.
         bias: optional ``[out_features]``, added in fp32 at the store.
-        path: ``"auto"`` (``M <= 16`` -> split-K, else GEMM), ``"splitk"`` or ``"gemm"``.
+        path: ``"auto"`` (``M <= 16`` -> split-K, else dense), ``"splitk"``, ``"gemm"``
+            (fused tiled kernel) or ``"dense"`` (dequantize, then ``F.linear``).
         config: explicit tile knobs (e.g. ``{"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}``)
             that bypass autotuning; for tests and benchmarks.
 

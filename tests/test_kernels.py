@@ -61,10 +61,16 @@ CONFIGS = {
         {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
         {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1},
     ],
+    "dense": [
+        None,
+        {"BLOCK_N": 16, "BLOCK_K": 8},
+        {"BLOCK_N": 8, "BLOCK_K": 32},
+        {"BLOCK_N": 32, "BLOCK_K": 128},
+    ],
 }
 # Rows drawn per path: the small-M kernel is meant for 1..16 (17..20 checks several M
 # blocks); the GEMM takes any M, including the tiny ones.
-M_RANGE = {"splitk": (1, 20), "gemm": (1, 70)}
+M_RANGE = {"splitk": (1, 20), "gemm": (1, 70), "dense": (1, 70)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -150,7 +156,7 @@ def problems(draw, path: str) -> dict:
     )
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_kernel_matches_reference(path: str, data) -> None:
@@ -167,18 +173,30 @@ def test_kernel_matches_reference(path: str, data) -> None:
     check_against_reference(y, x, p, bias)
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48])
 @pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
 def test_every_format(bits: int, group_size: int, path: str) -> None:
     """Each bit width x group size (K=150: partial last group for all but per-channel) x path."""
     p = make_weight(24, 150, bits, group_size, density=0.05, seed=bits * 1000 + group_size)
-    x = make_input(3 if path == "splitk" else 33, 150, torch.float32, "contiguous", seed=1)
+    x = make_input(3 if path == "splitk" else 33, 150, torch.float16 if path == "dense" else torch.float32, "contiguous", seed=1)
     bias = torch.randn(24, device=DEVICE)
     check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize("config", CONFIGS["dense"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48, 1])
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+def test_dense_weight_equals_dequantize_weight(bits: int, group_size: int, config) -> None:
+    """The dense path's weight is bit-for-bit ``packing.dequantize_weight`` in fp32 (K=150:
+    partial last group, partial last byte of every plane)."""
+    p = make_weight(37, 150, bits, group_size, density=0.05, seed=bits * 7 + group_size, dense_col=True)
+    w = launch.gwq_dequantize_triton(p, torch.float32, config=config)
+    assert torch.equal(w, packing.dequantize_weight(p))
+    assert torch.equal(launch.gwq_dequantize_triton(p, torch.float16, config=config), packing.dequantize_weight(p).half())
+
+
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
 @pytest.mark.parametrize(
     "pattern",
     [
@@ -198,8 +216,8 @@ def test_outlier_patterns(pattern: dict, path: str) -> None:
 
 @pytest.mark.parametrize("m", [1, 16, 17, 40])
 def test_auto_dispatch(m: int, monkeypatch) -> None:
-    """``path="auto"`` picks split-K up to SMALL_M_MAX rows and GEMM beyond, and both are right."""
-    expected = "splitk" if m <= launch.SMALL_M_MAX else "gemm"
+    """``path="auto"`` picks split-K up to SMALL_M_MAX rows and the dense path beyond, and both are right."""
+    expected = "splitk" if m <= launch.SMALL_M_MAX else "dense"
     assert launch.select_path(m) == expected
     seen = []
     original = launch.select_path
@@ -217,7 +235,7 @@ def test_empty_input() -> None:
 
 
 @pytest.mark.skipif(ON_CPU, reason="the Triton interpreter (CPU) has no bfloat16: its tl.dot computes on the raw bits")
-@pytest.mark.parametrize("path", ["splitk", "gemm"])
+@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
 def test_bfloat16(path: str) -> None:
     p = make_weight(64, 256, 4, 128, density=0.01, seed=3)
     x = make_input(4 if path == "splitk" else 64, 256, torch.bfloat16, "contiguous", seed=3)
