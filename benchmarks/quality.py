@@ -502,7 +502,7 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
     # Clip the y axis at 10x FP (a collapsed 2-bit RTN row would squash every other line); rows
     # above it are drawn on the top edge as triangles and named in the legend with their value.
     top = 10 * fp["perplexity"] if fp else None
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(9, 8))
     colors = plt.get_cmap("tab20").colors
     off_scale = []
     for i, method in enumerate(m for m in METHODS if m != "fp"):
@@ -541,7 +541,7 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
     win = "all" if settings.max_windows is None else settings.max_windows
     ax.set_title(f"SmolLM2-135M, seqlen {settings.seqlen}, {win} windows: Pareto front per method")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the axes: the fronts fill the top left
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
