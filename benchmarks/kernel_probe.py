@@ -9,7 +9,10 @@ so the next kernel version is chosen from measurements:
   tile sizes, split counts, warps and stages;
 * GEMM (M = 256, 2048): the shipped tiled kernel with and without outliers (is the
   outlier epilogue what costs?), with a column-major ``x`` (coalesced epilogue gathers),
-  dequantize-to-fp16 + cuBLAS, and the outlier SpMM alone through cuSPARSE.
+  dequantize-to-fp16 + cuBLAS, and the outlier SpMM alone through cuSPARSE.  The
+  dequantization is the shipped dense path's (``launch.gwq_dequantize_triton``); the
+  committed ``kernel_probe_*.json`` of 2026-11-23 was taken with an earlier, naive
+  dequantization kernel written here (see ``results/kernels_notes.md``).
 
 Every variant is checked against the fp64 reference before it is timed.  Prints a table;
 ``--out-dir`` gets a JSON with every timing.  Without CUDA: ``--dry-run`` runs the GEMV
@@ -120,26 +123,6 @@ def gemv_rows_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask)
 
 
-@triton.jit
-def dequant_kernel(
-    codes_ptr, scales_ptr, zeros_ptr, w_ptr, N, K, plane1_offset, stride_cn, stride_sn, stride_zn, stride_wn,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Dense ``W[N, K]`` (activation dtype) from the codes; outliers are added apart."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    c = _codes_rows(codes_ptr + offs_n[:, None].to(tl.int64) * stride_cn, k0, K, mask_n, plane1_offset, BITS, BLOCK_K).to(tl.float32)
-    g = offs_k // GROUP_SIZE
-    mask = mask_n[:, None] & (offs_k[None, :] < K)
-    s = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zeros_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=mask, other=0).to(tl.float32)
-    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], ((c - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
-
-
 def gemv_rows(x: torch.Tensor, p: packing.PackedWeight, cfg: dict, has_outliers: bool = True) -> torch.Tensor:
     m, k = x.shape
     n = p.packed_codes.shape[0]
@@ -156,20 +139,6 @@ def gemv_rows(x: torch.Tensor, p: packing.PackedWeight, cfg: dict, has_outliers:
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )  # fmt: skip
     return out.to(x.dtype) if split > 1 else out
-
-
-def dequant_dense(p: packing.PackedWeight, dtype: torch.dtype, flat_idx: torch.Tensor) -> torch.Tensor:
-    n, k = p.packed_codes.shape[0], p.in_features
-    w = torch.empty(n, k, device=p.packed_codes.device, dtype=dtype)
-    plane1 = packing.plane_offsets(k, p.bits)[1] if p.bits == 3 else 0
-    grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
-    dequant_kernel[grid](
-        p.packed_codes, p.group_scales, p.group_zeros, w, n, k, plane1,
-        p.packed_codes.stride(0), p.group_scales.stride(0), p.group_zeros.stride(0), w.stride(0),
-        BITS=p.bits, GROUP_SIZE=p.group_size, BLOCK_N=32, BLOCK_K=128, num_warps=4,
-    )  # fmt: skip
-    w.view(-1).index_put_((flat_idx,), p.outlier_values.to(dtype))  # the dense part is exactly 0 there
-    return w
 
 
 def no_outliers(p: packing.PackedWeight) -> packing.PackedWeight:
@@ -286,15 +255,13 @@ def main(argv: list[str] | None = None) -> int:
             p, w_ref = weights[n, k, 4]
             p0 = no_outliers(p)
             dense = w_ref.to(act)
-            rows_of = packing.csr_rows(p.outlier_row_ptr, p.outlier_values.numel())
-            flat_idx = rows_of * k + p.outlier_col_idx.long()
             for m in (256, 2048):
                 x = torch.randn(m, k, generator=gen).to(dev, act)
                 t_cublas = timer(lambda: torch.matmul(x, dense.T))
                 x_cm = x.t().contiguous().t()
                 fused = lambda xx, pp: launch.gwq_linear_triton(xx, *pp[:6], None, p.bits, p.group_size, k, path="gemm")  # noqa: E731
                 err_cm = bench.max_error_ratio(torch, fused(x_cm, p), x, w_ref, k)
-                err_dq = bench.max_error_ratio(torch, torch.matmul(x, dequant_dense(p, act, flat_idx).T), x, w_ref, k)
+                err_dq = bench.max_error_ratio(torch, torch.matmul(x, launch.gwq_dequantize_triton(p, act).T), x, w_ref, k)
                 s_csr = torch.sparse_csr_tensor(p.outlier_row_ptr.long(), p.outlier_col_idx.long(), p.outlier_values, (n, k))
                 xt = x.t().contiguous()
                 try:
@@ -306,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                     case="gemm", n=n, k=k, bits=4, m=m, cublas=t_cublas,
                     shipped=timer(lambda: fused(x, p)), shipped_no_outliers=timer(lambda: fused(x, p0)),
                     x_colmajor=timer(lambda: fused(x_cm, p)), x_colmajor_plus_copy=timer(lambda: fused(x.t().contiguous().t(), p)),
-                    dequant_cublas=timer(lambda: torch.matmul(x, dequant_dense(p, act, flat_idx).T)),
-                    dequant_only=timer(lambda: dequant_dense(p, act, flat_idx)), cusparse_outliers=t_sp,
+                    dequant_cublas=timer(lambda: torch.matmul(x, launch.gwq_dequantize_triton(p, act).T)),
+                    dequant_only=timer(lambda: launch.gwq_dequantize_triton(p, act)), cusparse_outliers=t_sp,
                     err_cm=round(err_cm, 3), err_dq=round(err_dq, 3),
                 )  # fmt: skip
                 save()
