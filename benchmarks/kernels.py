@@ -214,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from gwq_compile import packing
+    from gwq_compile import dispatch
     from gwq_compile.codegen import launch
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
                     failures.append(f"{n}x{k} bits={b} M={m}: error x{ratio:.3g} over the bound")
                 t_gwq = timer(lambda: launch.gwq_linear_triton(*args_b))
                 row = dict(
-                    n=n, k=k, m=m, bits=b, path=launch.select_path(m), correct=ok, error_ratio=ratio,
+                    n=n, k=k, m=m, bits=b, path=dispatch.triton_family(m), correct=ok, error_ratio=ratio,
                     gwq_us=t_gwq, cublas_us=t_cublas, torchao_int4_us=t_ao,
                     speedup_vs_cublas=t_cublas / t_gwq, speedup_vs_torchao=(t_ao / t_gwq) if t_ao else None,
                     bits_per_weight=sum(packing.storage_bits(p).values()) / (n * k),

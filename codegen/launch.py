@@ -4,7 +4,8 @@
 (plus two keyword-only knobs for tests and benchmarks), checks them, flattens the
 leading dims of ``x``, picks the kernel family, allocates the output and launches.
 
-Dispatch: ``M <= SMALL_M_MAX`` (16) rows go to the GEMV / split-K kernel, larger M to
+Kernel family (chosen by :func:`gwq_compile.dispatch.triton_family`, the one place that
+decides paths): ``M <= SMALL_M_MAX`` (16) rows go to the GEMV / split-K kernel, larger M to
 the dense path (a Triton kernel dequantizes the weight, outliers included, into x's dtype,
 then ``F.linear``/cuBLAS multiplies); the fused tiled ``tl.dot`` GEMM stays available as
 ``path="gemm"`` (``path=`` forces any of the three).  The two fused families read the
@@ -57,15 +58,9 @@ from typing import Callable, Optional
 
 import torch
 
-from gwq_compile import ops as _ops
-from gwq_compile import packing
+from gwq_compile import dispatch, ops, packing
 
-__all__ = ["SMALL_M_MAX", "PATHS", "gwq_dequantize_triton", "gwq_linear_triton", "kernels_module", "select_path", "triton_interpreting", "use_interpreter"]
-
-#: Rows up to which the GEMV / split-K family is used (decode and small batches).
-SMALL_M_MAX = 16
-#: Values of the ``path`` argument.
-PATHS = ("auto", "splitk", "gemm", "dense")
+__all__ = ["gwq_dequantize_triton", "gwq_linear_triton", "kernels_module", "triton_interpreting", "use_interpreter"]
 
 _KERNELS = "gwq_compile.codegen.kernels"
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -223,24 +218,6 @@ def _check(
         raise TypeError(f"gwq_linear_triton: outlier_col_idx must be int32 when in_features > 32767, got {outlier_col_idx.dtype}")
 
 
-def select_path(m: int, path: str = "auto") -> str:
-    """The kernel family for ``m`` rows: ``"splitk"`` for ``m <= SMALL_M_MAX``, else ``"dense"``
-    (dequantize to a dense weight, then ``torch.matmul``); ``"gemm"``, the fused tiled
-    kernel, is only taken when asked for (it measured 5-30x slower than cuBLAS on an H100,
-    see :mod:`~gwq_compile.codegen.kernels`).
-
-    Example:
-        >>> from gwq_compile.codegen.launch import select_path
-        >>> select_path(1), select_path(17), select_path(1, "gemm")
-        ('splitk', 'dense', 'gemm')
-    """
-    if path not in PATHS:
-        raise ValueError(f"gwq_linear_triton: path must be one of {PATHS}, got {path!r}")
-    if path != "auto":
-        return path
-    return "splitk" if m <= SMALL_M_MAX else "dense"
-
-
 def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[str, int]:
     unknown = set(config) - _CONFIG_KEYS[path]
     if unknown:
@@ -318,7 +295,7 @@ def _launch(
     plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
     has_outliers = values.numel() > 0
     bias_arg = bias.contiguous() if bias is not None else x2  # x2 is never read when HAS_BIAS is False
-    chosen = select_path(m, path)
+    chosen = dispatch.triton_family(m, path)
     common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers)
 
     if chosen == "splitk":
@@ -471,26 +448,14 @@ def _wrap_triton(kernel: object) -> object:
     return wrap_triton(kernel)
 
 
-@torch.library.triton_op("gwq::linear_triton", mutates_args=())
-def _linear_triton_op(
-    x: torch.Tensor,
-    packed_codes: torch.Tensor,
-    group_scales: torch.Tensor,
-    group_zeros: torch.Tensor,
-    outlier_row_ptr: torch.Tensor,
-    outlier_col_idx: torch.Tensor,
-    outlier_values: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> torch.Tensor:
-    """``torch.ops.gwq.linear_triton``: :func:`gwq_linear_triton` visible to Inductor (CUDA)."""
-    return _launch(
-        _wrap_triton, x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values,
-        bias, bits, group_size, in_features,
-    )  # fmt: skip
+def _linear_triton_op(x: torch.Tensor, *args) -> torch.Tensor:
+    """``torch.ops.gwq.linear_triton``: :func:`gwq_linear_triton` visible to Inductor (CUDA);
+    arguments as ``torch.ops.gwq.linear`` (:data:`gwq_compile.ops.STORED_SCHEMA`)."""
+    ops.check_input(x, args[0], args[-1])
+    return _launch(_wrap_triton, x, *args)
 
 
+_linear_triton_op.__signature__ = ops.signature(ops.STORED_FIELDS)  # triton_op infers its schema from it
+torch.library.triton_op("gwq::linear_triton", _linear_triton_op, mutates_args=())
 # Same gradients as torch.ops.gwq.linear: to the activation and bias, the weight is frozen.
-_linear_triton_op.register_autograd(_ops._backward, setup_context=_ops._setup_context)
+torch.library.register_autograd("gwq::linear_triton", ops.backward, setup_context=ops.setup_stored_context)

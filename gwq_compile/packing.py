@@ -417,18 +417,40 @@ def dequantize_weight(packed: PackedWeight, dtype: torch.dtype = torch.float32) 
     """Dense ``[N, K]`` weight: dequantized codes plus the scattered fp16 outliers."""
     codes = unpack_codes(packed.packed_codes, packed.bits, packed.in_features)
     w = dequantize_codes(codes, packed.group_scales, packed.group_zeros, packed.group_size, torch.float32)
-    rows = csr_rows(packed.outlier_row_ptr, packed.outlier_values.numel())
-    w[rows, packed.outlier_col_idx.long()] += packed.outlier_values.float()
+    add_csr_rows(w, packed.outlier_row_ptr, packed.outlier_col_idx, packed.outlier_values)
     return w.to(dtype)
+
+
+def add_csr_rows(
+    w: torch.Tensor, outlier_row_ptr: torch.Tensor, outlier_col_idx: torch.Tensor, outlier_values: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Add the outliers of ``rows`` (all rows for ``None``) into ``w`` ``[len(rows), K]``, in place."""
+    if rows is None:
+        out_rows, entries = csr_rows(outlier_row_ptr, outlier_values.numel()), slice(None)
+    else:
+        rows = rows.long()
+        starts, ends = outlier_row_ptr[rows].long(), outlier_row_ptr[rows + 1].long()
+        counts = ends - starts
+        out_rows = torch.repeat_interleave(torch.arange(rows.numel(), device=w.device), counts)
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        entries = torch.repeat_interleave(starts, counts) + torch.arange(out_rows.numel(), device=w.device) - first
+    w[out_rows, outlier_col_idx[entries].long()] += outlier_values[entries].to(w.dtype)
+    return w
+
+
+def storage_bits_of(out_features: int, in_features: int, bits: int, group_size: int, outliers: int, index_bytes: int) -> dict[str, int]:
+    """Bits the stored format takes, by component, from the sizes alone (what the report counts)."""
+    groups = out_features * num_groups(in_features, group_size)
+    return {
+        "codes": out_features * packed_row_bytes(in_features, bits) * 8,
+        "scales": groups * SCALE_DTYPE.itemsize * 8,
+        "zeros": groups * 8,
+        "outlier_values": outliers * OUTLIER_DTYPE.itemsize * 8,
+        "outlier_indices": outliers * index_bytes * 8 + (out_features + 1) * 32,
+    }
 
 
 def storage_bits(packed: PackedWeight) -> dict[str, int]:
     """Bits actually stored, by component (what the report counts)."""
-    return {
-        "codes": packed.packed_codes.numel() * 8,
-        "scales": packed.group_scales.numel() * packed.group_scales.element_size() * 8,
-        "zeros": packed.group_zeros.numel() * 8,
-        "outlier_values": packed.outlier_values.numel() * packed.outlier_values.element_size() * 8,
-        "outlier_indices": packed.outlier_col_idx.numel() * packed.outlier_col_idx.element_size() * 8
-        + packed.outlier_row_ptr.numel() * 32,
-    }
+    n = packed.packed_codes.shape[0]
+    return storage_bits_of(n, packed.in_features, packed.bits, packed.group_size, packed.outlier_values.numel(), packed.outlier_col_idx.element_size())

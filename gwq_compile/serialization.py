@@ -4,8 +4,9 @@ A checkpoint is a directory with
 
 * ``model.safetensors``: every parameter and buffer (non-persistent ones too, so a
   ``meta``-device skeleton comes back complete), each stored once even when tied; a
-  quantized weight ``x.weight`` becomes the plain tensors ``x.weight.<field>`` of
-  :class:`~gwq_compile.tensor.GWQTensor`;
+  quantized weight ``x.weight`` becomes the plain tensors ``x.weight.<field>`` of its
+  stored format (:data:`STORED_FIELDS`, whatever runtime layout it had in memory; loading
+  derives the runtime layout of the target device again);
 * ``gwq_config.json``: format name and version, the GWQ config, per-layer attributes
   (bits, group size, shape, dtype), the tied-tensor aliases, and the safetensors file's
   size and sha256 so a truncated or altered file is caught before it is parsed.
@@ -30,8 +31,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gwq_compile import packing
 from gwq_compile.tensor import GWQTensor
 
+#: The tensors a quantized weight is saved as (the stored format of :mod:`gwq_compile.packing`).
+STORED_FIELDS = packing.PackedWeight._fields[:6]
 FORMAT_NAME = "gwq"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -89,8 +93,8 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Path:
             continue
         canonical[id(t)] = name
         if isinstance(t, GWQTensor):
-            for field in GWQTensor.tensor_data_names:
-                tensors[f"{name}.{field}"] = getattr(t, field).detach().cpu().contiguous()
+            for field, value in zip(STORED_FIELDS, t.packed()):
+                tensors[f"{name}.{field}"] = value.detach().cpu().contiguous()
             layers[name] = {"bits": t.bits, "group_size": t.group_size, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
         else:
             if t.device.type == "meta":
@@ -177,14 +181,17 @@ def load_quantized(model: torch.nn.Module, path: str | os.PathLike, device: str 
             shape = torch.Size(meta["shape"])
             if tuple(current[name].shape) != tuple(shape):
                 raise ValueError(f"layer {name!r}: checkpoint shape {tuple(shape)} does not match the model's {tuple(current[name].shape)}")
-            fields = [saved[f"{name}.{f}"] for f in GWQTensor.tensor_data_names]
-            value = GWQTensor(*fields, meta["bits"], meta["group_size"], shape, _dtype_from_name(meta["dtype"]))
+            fields = [saved[f"{name}.{f}"] for f in STORED_FIELDS]
+            if device is not None:
+                fields = [f.to(device) for f in fields]
+            packed = packing.PackedWeight(*fields, meta["bits"], meta["group_size"], shape[1])
+            value = GWQTensor.from_packed(packed, _dtype_from_name(meta["dtype"]))  # the runtime layout of its device
         else:
             value = saved[name]
             if value.shape != current[name].shape:
                 raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(value.shape)} does not match the model's {tuple(current[name].shape)}")
-        if device is not None:
-            value = value.to(device)
+            if device is not None:
+                value = value.to(device)
         if kinds[name] == "param":
             requires_grad = current[name].requires_grad and not isinstance(value, GWQTensor)
             value = torch.nn.Parameter(value, requires_grad=requires_grad)

@@ -1,9 +1,23 @@
-"""``GWQTensor``: a linear weight stored in the GWQ packed format.
+"""``GWQTensor``: a linear weight quantized with GWQ, in the layout its device runs fastest.
 
-The layout itself lives in :mod:`gwq_compile.packing`; this class only holds the
-fields, keeps torch.compile / serialization working (via torchao's
-``TorchAOBaseTensor``, which derives flatten/unflatten, ``to``, ``detach``, ``clone``
-from the field lists) and routes ``F.linear`` to ``torch.ops.gwq.linear``.
+The stored format (bit-plane codes, fp16 scales, uint8 zeros, CSR outliers) is defined
+in :mod:`gwq_compile.packing` and is what checkpoints hold.  A ``GWQTensor`` keeps the
+grid and the outliers in that format and its codes in one of two layouts:
+
+* ``"planes"``: the stored bit planes (``packed_codes``): on CUDA (the Triton kernels
+  read them), on ``meta`` and wherever no runtime layout applies;
+* ``"cpu_int4"``: on CPU, torch's int4 CPU GEMM operand (``cpu_int4_codes`` +
+  ``cpu_scales_zeros``, :mod:`gwq_compile.cpu_layout`), derived when the weight is
+  quantized, loaded, unpickled or moved to the CPU.  It never reaches a checkpoint:
+  :meth:`GWQTensor.packed` rebuilds the stored codes exactly, and pickling
+  (``torch.save``) stores those.
+
+``F.linear`` on a ``GWQTensor`` goes through :func:`gwq_compile.dispatch.linear` (the one
+place that picks the op), ``F.embedding`` dequantizes only the rows it looks up (a tied
+input embedding can share the quantized LM head), and ``.to(dtype)`` / ``.to(device)``
+return a ``GWQTensor`` whose ``dtype`` is what it computes in and returns.  torchao's
+``TorchAOBaseTensor`` derives flatten/unflatten (so torch.compile sees the inner tensors),
+``detach``, ``clone`` and ``__repr__`` from the field lists.
 
 Example:
     >>> import torch
@@ -11,46 +25,59 @@ Example:
     >>> w = torch.randn(32, 80)
     >>> mask = torch.rand_like(w) < 0.01
     >>> qw = GWQTensor.from_float(w, mask, bits=4, group_size=32)
-    >>> torch.nn.functional.linear(torch.randn(2, 80), qw).shape
-    torch.Size([2, 32])
+    >>> qw.code_layout, torch.nn.functional.linear(torch.randn(2, 80), qw).shape
+    ('cpu_int4', torch.Size([2, 32]))
     >>> bool((qw.dequantize()[mask] - w[mask]).abs().max() < 1e-2)
     True
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from torchao.utils import TorchAOBaseTensor
+from torchao.utils import TorchAOBaseTensor, return_and_correct_aliasing
 
-from gwq_compile import ops as _ops  # noqa: F401  (registers torch.ops.gwq.linear)
-from gwq_compile import packing
+from gwq_compile import cpu_layout, dispatch, packing
+from gwq_compile import ops as _ops  # noqa: F401  (registers torch.ops.gwq.*)
 from gwq_compile.codegen import launch as _launch  # noqa: F401  (registers torch.ops.gwq.linear_triton; no triton import)
 
 aten = torch.ops.aten
 
-__all__ = ["GWQTensor"]
+__all__ = ["LAYOUTS", "GWQTensor", "default_layout"]
+
+#: Code layouts a GWQTensor can hold.
+LAYOUTS = ("planes", "cpu_int4")
+
+
+def default_layout(device: torch.device) -> str:
+    """The layout a weight gets on ``device``: ``"cpu_int4"`` on CPU (when torch has the int4
+    CPU GEMM), ``"planes"`` elsewhere."""
+    return "cpu_int4" if torch.device(device).type == "cpu" and cpu_layout.available() else "planes"
 
 
 class GWQTensor(TorchAOBaseTensor):
     """A GWQ-quantized 2-D weight ``[out_features, in_features]``.
 
-    Tensor fields (see :mod:`gwq_compile.packing` for the exact layout):
-        packed_codes (uint8 [N, row_bytes]): bit-plane packed b-bit codes.
-        group_scales (fp16 [N, G]), group_zeros (uint8 [N, G]): per-group grid.
+    Tensor fields (layout details in :mod:`gwq_compile.packing` and :mod:`gwq_compile.cpu_layout`):
+        group_scales (fp16 [N, G]), group_zeros (uint8 [N, G]): the stored group grid.
         outlier_row_ptr (int32 [N+1]), outlier_col_idx (int16/int32 [nnz]),
         outlier_values (fp16 [nnz]): the salient weights in CSR.
+        packed_codes (uint8 [N, row_bytes]): the stored bit-plane codes (``"planes"`` layout only).
+        cpu_int4_codes (uint8 [Np, Kc/2]), cpu_scales_zeros (bf16 [Kc/tile, Np, 2]): the int4
+            CPU GEMM operand (``"cpu_int4"`` layout only).
     Attributes:
-        bits (int), group_size (int, effective, > 0), shape (torch.Size), dtype: the
-        original weight's shape and dtype, which ``dequantize()`` returns.
+        bits (int), group_size (int, effective, > 0), shape (torch.Size), dtype: the dtype
+        ``F.linear`` computes in and ``dequantize()`` returns.
     """
 
-    tensor_data_names = [f for f in packing.PackedWeight._fields if f not in ("bits", "group_size", "in_features")]
+    tensor_data_names = ["group_scales", "group_zeros", "outlier_row_ptr", "outlier_col_idx", "outlier_values"]
     tensor_attribute_names = ["bits", "group_size", "shape", "dtype"]
+    optional_tensor_data_names = ["packed_codes", "cpu_int4_codes", "cpu_scales_zeros"]
 
     def __new__(
         cls,
-        packed_codes: torch.Tensor,
         group_scales: torch.Tensor,
         group_zeros: torch.Tensor,
         outlier_row_ptr: torch.Tensor,
@@ -60,14 +87,14 @@ class GWQTensor(TorchAOBaseTensor):
         group_size: int,
         shape: torch.Size,
         dtype: torch.dtype,
+        packed_codes: Optional[torch.Tensor] = None,
+        cpu_int4_codes: Optional[torch.Tensor] = None,
+        cpu_scales_zeros: Optional[torch.Tensor] = None,
     ):
-        return torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=dtype, device=packed_codes.device, requires_grad=False
-        )
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=group_scales.device, requires_grad=False)
 
     def __init__(
         self,
-        packed_codes: torch.Tensor,
         group_scales: torch.Tensor,
         group_zeros: torch.Tensor,
         outlier_row_ptr: torch.Tensor,
@@ -77,9 +104,13 @@ class GWQTensor(TorchAOBaseTensor):
         group_size: int,
         shape: torch.Size,
         dtype: torch.dtype,
+        packed_codes: Optional[torch.Tensor] = None,
+        cpu_int4_codes: Optional[torch.Tensor] = None,
+        cpu_scales_zeros: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        self.packed_codes = packed_codes
+        if (packed_codes is None) == (cpu_int4_codes is None) or (cpu_int4_codes is None) != (cpu_scales_zeros is None):
+            raise ValueError("GWQTensor holds its codes in exactly one layout: packed_codes, or cpu_int4_codes with cpu_scales_zeros")
         self.group_scales = group_scales
         self.group_zeros = group_zeros
         self.outlier_row_ptr = outlier_row_ptr
@@ -87,37 +118,79 @@ class GWQTensor(TorchAOBaseTensor):
         self.outlier_values = outlier_values
         self.bits = bits
         self.group_size = group_size
+        self.packed_codes = packed_codes
+        self.cpu_int4_codes = cpu_int4_codes
+        self.cpu_scales_zeros = cpu_scales_zeros
+
+    # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_packed(cls, packed: packing.PackedWeight, dtype: torch.dtype) -> "GWQTensor":
+    def from_packed(cls, packed: packing.PackedWeight, dtype: torch.dtype, layout: Optional[str] = None) -> "GWQTensor":
+        """The weight of a stored :class:`~gwq_compile.packing.PackedWeight`, in ``layout``
+        (default: :func:`default_layout` of its device)."""
+        layout = layout or default_layout(packed.packed_codes.device)
+        if layout not in LAYOUTS:
+            raise ValueError(f"GWQTensor layout must be one of {LAYOUTS}, got {layout!r}")
         shape = torch.Size([packed.packed_codes.shape[0], packed.in_features])
-        return cls(*packed[:6], packed.bits, packed.group_size, shape, dtype)
+        grid_and_outliers = (*packed[1:6], packed.bits, packed.group_size, shape, dtype)
+        if layout == "planes":
+            return cls(*grid_and_outliers, packed_codes=packed.packed_codes)
+        if packed.packed_codes.device.type != "cpu":
+            raise ValueError(f"the cpu_int4 layout needs CPU tensors, got {packed.packed_codes.device}")
+        codes, grid = cpu_layout.pack(packed)
+        return cls(*grid_and_outliers, cpu_int4_codes=codes, cpu_scales_zeros=grid)
 
     @classmethod
     def from_float(
-        cls,
-        weight: torch.Tensor,
-        outlier_mask: torch.Tensor | None,
-        bits: int,
-        group_size: int,
-        symmetric: bool = False,
+        cls, weight: torch.Tensor, outlier_mask: Optional[torch.Tensor], bits: int, group_size: int, symmetric: bool = False
     ) -> "GWQTensor":
         """Round-to-nearest quantization of ``weight`` with ``outlier_mask`` kept in fp16."""
         return cls.from_packed(packing.quantize_weight(weight, outlier_mask, bits, group_size, symmetric), weight.dtype)
+
+    def to_layout(self, layout: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "GWQTensor":
+        """This weight in ``layout`` on ``device`` (default: its own), as ``dtype``."""
+        device = torch.device(device) if device is not None else self.device
+        packed = packing.PackedWeight(*(t.to(device) for t in self.stored_fields()), self.bits, self.group_size, self.in_features)
+        return GWQTensor.from_packed(packed, dtype or self.dtype, layout)
+
+    # ------------------------------------------------------------------ views of the data
+
+    @property
+    def code_layout(self) -> str:
+        """``"planes"`` or ``"cpu_int4"`` (not ``layout``: that is torch's ``torch.strided``)."""
+        return "planes" if self.packed_codes is not None else "cpu_int4"
 
     @property
     def in_features(self) -> int:
         return self.shape[1]
 
-    def packed(self) -> packing.PackedWeight:
-        return packing.PackedWeight(
-            self.packed_codes, self.group_scales, self.group_zeros, self.outlier_row_ptr,
-            self.outlier_col_idx, self.outlier_values, self.bits, self.group_size, self.in_features,
-        )  # fmt: skip
+    def stored_fields(self) -> tuple[torch.Tensor, ...]:
+        """The six tensors of the stored format (``ops.STORED_FIELDS`` order); codes rebuilt exactly
+        from the CPU layout when needed."""
+        codes = self.packed_codes
+        if codes is None:
+            codes = torch.ops.gwq.unpack_cpu_codes(self.cpu_int4_codes, self.bits, self.group_size, self.in_features, self.shape[0])
+        return (codes, *self._grid_fields())
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (codes dequantized plus outliers), in the original dtype by default."""
-        return packing.dequantize_weight(self.packed(), dtype or self.dtype)
+    def cpu_fields(self) -> tuple[torch.Tensor, ...]:
+        """The tensors of ``torch.ops.gwq.linear_cpu`` (``ops.CPU_FIELDS`` order)."""
+        return (self.cpu_int4_codes, self.cpu_scales_zeros, *self._grid_fields())
+
+    def _grid_fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.group_scales, self.group_zeros, self.outlier_row_ptr, self.outlier_col_idx, self.outlier_values)
+
+    def packed(self) -> packing.PackedWeight:
+        """The stored format of this weight (exact, whatever the layout)."""
+        return packing.PackedWeight(*self.stored_fields(), self.bits, self.group_size, self.in_features)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight (codes dequantized plus outliers), in ``self.dtype`` by default."""
+        return self.dequantize_rows(None, dtype)
+
+    def dequantize_rows(self, rows: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Dense rows ``[len(rows), K]`` of the weight (all rows for ``None``): an embedding lookup."""
+        attributes = (self.bits, self.group_size, self.in_features, dtype or self.dtype)
+        return torch.ops.gwq.dequantize(self.packed_codes, self.cpu_int4_codes, *self._grid_fields(), rows, *attributes)
 
     def outlier_mask(self) -> torch.Tensor:
         """Bool ``[N, K]``: True where the weight is kept as an fp16 outlier."""
@@ -128,29 +201,48 @@ class GWQTensor(TorchAOBaseTensor):
         return self.outlier_values.numel()
 
     def storage_bits(self) -> dict[str, int]:
-        return packing.storage_bits(self.packed())
+        """Bits of the stored format, by component (what checkpoints hold and the report counts)."""
+        return packing.storage_bits_of(
+            self.shape[0], self.in_features, self.bits, self.group_size, self.num_outliers, self.outlier_col_idx.element_size()
+        )
+
+    def resident_bytes(self) -> int:
+        """Bytes this weight holds in memory now, its runtime layout included."""
+        names = self.__tensor_flatten__()[0]
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    # ------------------------------------------------------------------ pickling: the stored format
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.packed_codes is None:  # the CPU operand is capability-specific: save the stored codes
+            state.update(packed_codes=self.stored_fields()[0], cpu_int4_codes=None, cpu_scales_zeros=None)
+        return state
+
+    def _setstate(self, state: dict) -> None:
+        """``__setstate__`` (installed below the class): restore, then derive the device's layout."""
+        torch._utils._set_obj_state(self, state)
+        for name in self.optional_tensor_data_names:  # a checkpoint of an older gwq-compile
+            self.__dict__.setdefault(name, None)
+        if self.packed_codes is not None and default_layout(self.device) == "cpu_int4":
+            self.cpu_int4_codes, self.cpu_scales_zeros = cpu_layout.pack(self.packed())
+            self.packed_codes = None
 
     def __repr__(self) -> str:
         return f"GWQTensor({self._quantization_type()}, dtype={self.dtype}, device={self.device})"
 
     def _quantization_type(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, outliers={self.num_outliers}, shape={tuple(self.shape)}"
+        return (
+            f"bits={self.bits}, group_size={self.group_size}, outliers={self.num_outliers}, "
+            f"shape={tuple(self.shape)}, code_layout={self.code_layout}"
+        )
 
+
+# TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ after the class body runs.
+GWQTensor.__setstate__ = GWQTensor._setstate
 
 implements = GWQTensor.implements
 implements_torch_function = GWQTensor.implements_torch_function
-
-
-def _linear(x: torch.Tensor, weight: GWQTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    args = (
-        x, weight.packed_codes, weight.group_scales, weight.group_zeros, weight.outlier_row_ptr,
-        weight.outlier_col_idx, weight.outlier_values, bias, weight.bits, weight.group_size, weight.in_features,
-    )  # fmt: skip
-    if x.is_cuda and _ops.kernel_choice() != "reference":
-        # A triton_op: Inductor sees the Triton kernel inside compiled graphs.  CPU keeps the
-        # opaque custom op (a triton_op cannot run on the interpreter inside torch.compile).
-        return torch.ops.gwq.linear_triton(*args)
-    return torch.ops.gwq.linear(*args)
 
 
 @implements(aten.linear.default)
@@ -160,7 +252,37 @@ def _(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if isinstance(x, GWQTensor) or not isinstance(weight, GWQTensor):
         raise NotImplementedError(f"{func}: only a dense input times a GWQTensor weight is supported")
-    return _linear(x, weight, bias)
+    return dispatch.linear(x, weight, bias)
+
+
+@implements(aten.embedding.default)
+@implements_torch_function(F.embedding)
+def _(func, types, args, kwargs):
+    if func is F.embedding:
+        input, weight = args[0], args[1]
+        extra = {**dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:])), **kwargs}
+        if extra.get("max_norm") is not None:
+            raise NotImplementedError("F.embedding(max_norm=...) renormalises the weight in place: not supported on a GWQTensor")
+    else:
+        weight, input = args[0], args[1]
+    if not isinstance(weight, GWQTensor) or isinstance(input, GWQTensor):
+        raise NotImplementedError(f"{func}: only integer indices into a GWQTensor weight are supported")
+    return weight.dequantize_rows(input.reshape(-1)).view(*input.shape, weight.shape[1])
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device, dtype = torch.device(to["device"]), to["dtype"]
+    if device == self.device:
+        new = GWQTensor(
+            *(getattr(self, n) for n in GWQTensor.tensor_data_names), self.bits, self.group_size, self.shape, dtype,
+            self.packed_codes, self.cpu_int4_codes, self.cpu_scales_zeros,
+        )  # fmt: skip
+    else:
+        new = self.to_layout(default_layout(device), device, dtype)
+    return return_and_correct_aliasing(func, args, kwargs, new)
 
 
 torch.serialization.add_safe_globals([GWQTensor])

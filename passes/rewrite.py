@@ -2,10 +2,11 @@
 
 For each site carrying ``node.meta["gwq"]`` (see :mod:`~gwq_compile.passes.annotate`):
 
-* the packed tensors of its weight are registered once as buffers of the GraphModule
-  (``_gwq_<layer>_<field>``); the tensors are shared with the quantized model, not copied;
-* ``get_attr`` nodes read them and a ``torch.ops.gwq.linear.default`` node replaces the
-  linear (``F.linear``, ``addmm``/``mm``/``matmul`` against ``t(W)``, or Conv1D's ``addmm``),
+* the tensors of its weight that its op reads are registered once as buffers of the
+  GraphModule (``_gwq_<layer>_<field>``); they are shared with the quantized model, not copied;
+* ``get_attr`` nodes read them and the op :func:`gwq_compile.dispatch.graph_op` names for the
+  weight's layout (``torch.ops.gwq.linear_cpu`` for CPU weights, ``torch.ops.gwq.linear``
+  otherwise) replaces the linear (``F.linear``, ``addmm``/``mm``/``matmul`` against ``t(W)``, or Conv1D's ``addmm``),
   with the same output value (shape, dtype) recorded in its meta;
 * the old node and its now unused ``t(W)`` are erased, then the graph is linted and
   recompiled.
@@ -30,9 +31,9 @@ Example:
     >>> quant = ModelQuantization(GWQConfig(), {id(lin.weight): QuantizedLayer("lin", packed, "out_in", weakref.ref(lin.weight))})
     >>> baked = rewrite_linears(gm, annotate_linears(gm, capture_linears(gm), [], quant))
     >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    ['gwq.linear.default']
+    ['gwq.linear_cpu.default']
     >>> x = torch.randn(3, 32)
-    >>> torch.allclose(gm(x), torch.nn.functional.linear(x, packed.dequantize(), lin.bias), atol=1e-5)
+    >>> torch.allclose(gm(x), torch.nn.functional.linear(x, packed.dequantize(), lin.bias), atol=0.02)  # bf16 on CPU
     True
 """
 
@@ -45,16 +46,15 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from gwq_compile import dispatch
 from gwq_compile.passes.annotate import META_KEY, GWQAnnotation
 from gwq_compile.passes.capture import LinearSite, match_linear, meta_value
-
-PACKED_FIELDS = ("packed_codes", "group_scales", "group_zeros", "outlier_row_ptr", "outlier_col_idx", "outlier_values")
 
 
 def _buffer_prefix(gm: fx.GraphModule, name: str) -> str:
     base = "_gwq_" + re.sub(r"\W", "_", name)
     prefix, i = base, 0
-    while hasattr(gm, f"{prefix}_{PACKED_FIELDS[0]}"):
+    while hasattr(gm, f"{prefix}_group_scales"):
         i += 1
         prefix = f"{base}_{i}"
     return prefix
@@ -66,26 +66,28 @@ def _fake_mode(gm: fx.GraphModule) -> Any:
     return torch._guards.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
 
 
-def _register_packed(gm: fx.GraphModule, annotation: GWQAnnotation) -> list[str]:
-    """Register the packed tensors as buffers (with Dynamo sources when needed); return their names."""
+def _register_packed(gm: fx.GraphModule, annotation: GWQAnnotation) -> tuple[Any, list[str]]:
+    """Register the tensors the weight's op reads as buffers (with Dynamo sources when needed);
+    return the op and the buffers' names."""
     from torch._dynamo.source import ConstantSource
 
     prefix = _buffer_prefix(gm, annotation.name)
     names = []
-    for field in PACKED_FIELDS:
+    op, tensors = dispatch.graph_op(annotation.weight)
+    for field, tensor in tensors.items():
         name = f"{prefix}_{field}"
-        gm.register_buffer(name, getattr(annotation.weight, field))
+        gm.register_buffer(name, tensor)
         if hasattr(gm, "_param_name_to_source"):
             gm._param_name_to_source[name] = ConstantSource(name)
         names.append(name)
-    return names
+    return op, names
 
 
 def _value_key(node: fx.Node) -> str:
     return "val" if "val" in node.meta else "example_value"
 
 
-def _replace(gm: fx.GraphModule, site: LinearSite, buffers: list[str], fake_mode: Any) -> fx.Node:
+def _replace(gm: fx.GraphModule, site: LinearSite, op: Any, buffers: list[str], fake_mode: Any) -> fx.Node:
     annotation: GWQAnnotation = site.node.meta[META_KEY]
     graph, key = gm.graph, _value_key(site.node)
     with graph.inserting_before(site.node):
@@ -98,7 +100,7 @@ def _replace(gm: fx.GraphModule, site: LinearSite, buffers: list[str], fake_mode
         # Operands are read from the node now: an earlier rewrite may have replaced its input.
         x, _, bias, *_ = match_linear(site.node)
         args = (x, *attrs, bias, annotation.bits, annotation.group_size, site.in_features)
-        new = graph.call_function(torch.ops.gwq.linear.default, args)
+        new = graph.call_function(op, args)
     new.meta.update(site.node.meta)  # same output value, stack trace and module stack
     site.node.replace_all_uses_with(new)
     graph.erase_node(site.node)
@@ -116,7 +118,7 @@ def rewrite_linears(gm: fx.GraphModule, sites: list[LinearSite]) -> list[fx.Node
         >>> baked = rewrite_linears(gm, annotate_linears(gm, capture_linears(gm), inputs, quant))  # doctest: +SKIP
     """
     fake_mode = _fake_mode(gm)
-    buffers: dict[int, list[str]] = {}  # id(GWQTensor) -> buffer names (one set per weight)
+    buffers: dict[int, tuple[Any, list[str]]] = {}  # id(GWQTensor) -> (op, buffer names): one set per weight
     baked: dict[fx.Node, None] = {}
     for site in sites:
         annotation = site.node.meta.get(META_KEY)
@@ -125,7 +127,7 @@ def rewrite_linears(gm: fx.GraphModule, sites: list[LinearSite]) -> list[fx.Node
         key = id(annotation.weight)
         if key not in buffers:
             buffers[key] = _register_packed(gm, annotation)
-        _replace(gm, site, buffers[key], fake_mode)
+        _replace(gm, site, *buffers[key], fake_mode)
         baked[site.weight] = None
         counters["gwq"]["linear_rewritten"] += 1
     if baked:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gwq_compile import ops, packing
+from gwq_compile import dispatch, ops, packing
 from gwq_compile.codegen import launch
 from gwq_compile.tensor import GWQTensor
 
@@ -217,11 +217,11 @@ def test_outlier_patterns(pattern: dict, path: str) -> None:
 @pytest.mark.parametrize("m", [1, 16, 17, 40])
 def test_auto_dispatch(m: int, monkeypatch) -> None:
     """``path="auto"`` picks split-K up to SMALL_M_MAX rows and the dense path beyond, and both are right."""
-    expected = "splitk" if m <= launch.SMALL_M_MAX else "dense"
-    assert launch.select_path(m) == expected
+    expected = "splitk" if m <= dispatch.SMALL_M_MAX else "dense"
+    assert dispatch.triton_family(m) == expected
     seen = []
-    original = launch.select_path
-    monkeypatch.setattr(launch, "select_path", lambda rows, path="auto": seen.append(original(rows, path)) or seen[-1])
+    original = dispatch.triton_family
+    monkeypatch.setattr(dispatch, "triton_family", lambda rows, path="auto": seen.append(original(rows, path)) or seen[-1])
     p = make_weight(24, 70, 4, 32, density=0.05, seed=m)
     x = make_input(m, 70, torch.float32, "contiguous", seed=m)
     check_against_reference(run_kernel(x, p, None), x, p, None)
@@ -269,10 +269,10 @@ def test_gwq_kernel_env_switch(monkeypatch) -> None:
     original = launch._launch
     monkeypatch.setattr(launch, "_launch", lambda *a, **kw: calls.append(1) or original(*a, **kw))
 
-    monkeypatch.setenv(ops.KERNEL_ENV, "reference")
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "reference")
     y_ref = F.linear(x, qw, bias)
     assert calls == []
-    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
     y_tri = F.linear(x, qw, bias)
     assert calls == [1]
     check_against_reference(y_tri, x, qw.packed(), bias)
@@ -280,13 +280,13 @@ def test_gwq_kernel_env_switch(monkeypatch) -> None:
 
 
 def test_bad_gwq_kernel_value_raises(monkeypatch) -> None:
-    monkeypatch.setenv(ops.KERNEL_ENV, "cuda-magic")
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "cuda-magic")
     with pytest.raises(ValueError, match="GWQ_KERNEL"):
         F.linear(torch.randn(2, 96, device=DEVICE), _gwq_weight())
 
 
 def test_gradient_through_triton_path(monkeypatch) -> None:
-    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
     qw = _gwq_weight()
     x = torch.randn(3, 96, device=DEVICE, requires_grad=True)
     F.linear(x, qw).square().sum().backward()
@@ -307,14 +307,22 @@ def test_triton_op_eager_matches_launcher() -> None:
 
 def test_compiled_model_uses_kernel(monkeypatch) -> None:
     """torch.compile (Inductor) of a module with a GWQTensor weight, GWQ_KERNEL=triton."""
-    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
     torch._dynamo.reset()
     lin = torch.nn.Linear(96, 48, bias=True).to(DEVICE)
     lin.weight = torch.nn.Parameter(_gwq_weight(), requires_grad=False)
     x = torch.randn(4, 96, device=DEVICE)
+    launches = []
+    original = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda *a, **kw: launches.append(1) or original(*a, **kw))
     with torch.no_grad():
-        y = torch.compile(lin)(x)
+        compiled = torch.compile(lin)
+        y = compiled(x)
+        n_first = len(launches)
+        compiled(x)
     check_against_reference(y, x, lin.weight.packed(), lin.bias.detach())
+    if ON_CPU:  # the opaque op's body runs the launcher at every call of the compiled module
+        assert n_first >= 1 and len(launches) == 2 * n_first
 
 
 # ----------------------------------------------------------------------------- argument checks

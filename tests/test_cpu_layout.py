@@ -1,0 +1,264 @@
+"""The CPU runtime layout (``gwq_compile.cpu_layout``) and the fast path that uses it.
+
+Every case packs a random weight with ``packing.quantize_weight`` and compares the CPU
+fast path with ``x @ W.T (+ b)`` in fp64 from ``packing.dequantize_weight`` (the same
+codes, scales, zeros and outliers).
+
+Tolerance.  The fast path rounds the activations to bf16 (unit roundoff u = 2**-8), reads a
+bf16 copy of the grid (each tile's scale, and its zero, which is at most ``c_b`` scales in
+size: 16 for 2-4-bit codes, 272 for 8-bit ones, whose high nibble carries 16 scales) and
+returns its product in bf16; the outliers and the bias are added in fp32 (then rounded
+once to x's dtype).  Each product ``x_k w_k`` is therefore off by at most
+``u |x_k| |w_k| + u |x_k| (|w_k| + c_b s_k)`` and the sum by ``u |y|`` more, so
+
+    |y - ref| <= 4 u T + 2**-24,   T = |x| @ (|W| + c_b S).T + |b|
+
+with ``S`` the group scale of each weight (one more ``u T`` for rounding bf16/fp16 outputs).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gwq_compile import GWQTensor, cpu_layout, dispatch, load_quantized, packing, save_quantized
+
+U = 2.0**-8
+
+
+def make_weight(n: int, k: int, bits: int, group_size: int, density: float, seed: int, empty_rows: bool = False, dense_col: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    mask = torch.rand(n, k, generator=gen) < density
+    w = torch.where(mask, w * 8, w)  # outliers are the large weights
+    if empty_rows:
+        mask[:: max(1, n // 3)] = False
+    if dense_col:
+        mask[:, int(torch.randint(k, (1,), generator=gen))] = True
+    return packing.quantize_weight(w, mask, bits=bits, group_size=group_size)
+
+
+def check_close(y: torch.Tensor, x: torch.Tensor, p: packing.PackedWeight, bias: torch.Tensor | None) -> None:
+    """The bound of the module docstring, elementwise."""
+    w = packing.dequantize_weight(p, torch.float64)
+    ref = x.double() @ w.T
+    scales = packing.dequantize_codes(
+        torch.ones(w.shape, dtype=torch.uint8), p.group_scales, torch.zeros_like(p.group_zeros), p.group_size, torch.float64
+    )
+    c_b = 272 if p.bits == 8 else 16
+    t = x.double().abs() @ (w.abs() + c_b * scales).T
+    if bias is not None:
+        ref, t = ref + bias.double(), t + bias.double().abs()
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    err = (y.double() - ref).abs()
+    bound = 4 * U * t + 2.0**-24
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert bool((err <= bound).all()), f"error {float(err.max()):.3g} exceeds the bound by x{worst:.3g}"
+
+
+def fast_linear(x, p, bias):
+    codes, grid = cpu_layout.pack(p)
+    return cpu_layout.linear(x, codes, grid, *p[3:6], bias, p.bits, p.group_size, p.in_features)
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48, 16, 1])
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+@pytest.mark.parametrize("n", [1, 64, 130])
+def test_layout_round_trip_is_exact(bits: int, group_size: int, n: int) -> None:
+    """Stored codes -> int4 operand -> stored codes, bit for bit (K=150: partial last group);
+    and the row gather of embedding lookups."""
+    p = make_weight(n, 150, bits, group_size, density=0.05, seed=bits + group_size + n)
+    codes, grid = cpu_layout.pack(p)
+    assert codes.shape[0] % cpu_layout.BLOCK_N == 0 and grid.dtype == torch.bfloat16
+    assert torch.equal(cpu_layout.unpack_codes(codes, bits, p.group_size, 150, n), p.packed_codes)
+    rows = torch.tensor([n - 1, 0, n // 2, n - 1])
+    want = packing.unpack_codes(p.packed_codes, bits, 150)[rows]
+    assert torch.equal(cpu_layout.unpack_rows(codes, bits, p.group_size, 150, rows), want)
+
+
+@st.composite
+def problems(draw) -> dict:
+    k = draw(st.integers(1, 300))
+    group = draw(st.sampled_from([32, 64, 128, -1, "any"]))
+    return dict(
+        m=draw(st.integers(1, 70)),
+        n=draw(st.integers(1, 150)),
+        k=k,
+        bits=draw(st.sampled_from(packing.SUPPORTED_BITS)),
+        group_size=draw(st.integers(1, k)) if group == "any" else group,
+        density=draw(st.sampled_from([0.0, 0.01, 0.1, 0.3])),
+        empty_rows=draw(st.booleans()),
+        dense_col=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        three_d=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=problems())
+def test_fast_path_matches_reference(c: dict) -> None:
+    """Random M, N, K (K not a multiple of the group), bits, group sizes, outlier densities
+    (rows without any, one dense column), dtypes, 3-D inputs and bias."""
+    p = make_weight(c["n"], c["k"], c["bits"], c["group_size"], c["density"], c["seed"], c["empty_rows"], c["dense_col"])
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    shape = (2, c["m"], c["k"]) if c["three_d"] else (c["m"], c["k"])
+    x = torch.randn(*shape, generator=gen).to(c["dtype"])
+    bias = torch.randn(c["n"], generator=gen).to(c["dtype"]) if c["bias"] else None
+    check_close(fast_linear(x, p, bias), x, p, bias)
+
+
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48])
+def test_every_format(bits: int, group_size: int) -> None:
+    p = make_weight(70, 150, bits, group_size, density=0.05, seed=bits * 100 + group_size, dense_col=True)
+    x = torch.randn(5, 150)
+    bias = torch.randn(70)
+    check_close(fast_linear(x, p, bias), x, p, bias)
+
+
+def test_check_rejects_a_broken_grid() -> None:
+    """The tolerance is tight enough to see a grid off by one code step in one group."""
+    p = make_weight(64, 128, 4, 64, density=0.0, seed=3)
+    codes, grid = cpu_layout.pack(p)
+    broken = grid.clone()
+    broken[0, 5, 1] += broken[0, 5, 0]  # tile group 0 of row 5: every weight one step higher
+    x = torch.rand(4, 128) + 0.5
+    y = cpu_layout.linear(x, codes, broken, *p[3:6], None, 4, 64, 128)
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        check_close(y, x, p, None)
+
+
+# ----------------------------------------------------------------------------- through GWQTensor
+
+
+def _qlinear(bits=4, group_size=64, n=96, k=160, density=0.02, bias=True):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    mask = torch.rand(n, k) < density
+    lin.weight = torch.nn.Parameter(GWQTensor.from_float(lin.weight.detach(), mask, bits, group_size), requires_grad=False)
+    return lin
+
+
+def test_cpu_weights_take_the_fast_path_and_it_is_counted(monkeypatch) -> None:
+    lin = _qlinear()
+    assert lin.weight.code_layout == "cpu_int4" and lin.weight.packed_codes is None
+    x = torch.randn(3, 160)
+    before = dispatch.CALLS["cpu_int4"]
+    y = lin(x)
+    assert dispatch.CALLS["cpu_int4"] == before + 1
+    check_close(y, x, lin.weight.packed(), lin.bias.detach())
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "reference")
+    y_ref = lin(x)
+    assert dispatch.CALLS["cpu_int4"] == before + 1  # the reference did not run the fast path
+    torch.testing.assert_close(y_ref, x @ lin.weight.dequantize().T + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_module_runs_the_fast_path() -> None:
+    torch._dynamo.reset()
+    lin = _qlinear(bits=3, group_size=32)
+    x = torch.randn(2, 5, 160)
+    compiled = torch.compile(lin, fullgraph=True)
+    before = dispatch.CALLS["cpu_int4"]
+    with torch.no_grad():
+        y = compiled(x)
+        compiled(x)
+    assert dispatch.CALLS["cpu_int4"] == before + 2
+    torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+
+
+def test_gwq_kernel_cpu_refuses_a_weight_without_the_cpu_layout(monkeypatch) -> None:
+    lin = _qlinear()
+    lin.weight = torch.nn.Parameter(lin.weight.to_layout("planes"), requires_grad=False)
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "cpu")
+    with pytest.raises(ValueError, match="GWQ_KERNEL=cpu"):
+        lin(torch.randn(1, 160))
+
+
+def test_layouts_hold_the_same_weight() -> None:
+    lin = _qlinear(bits=8, group_size=-1)
+    planes = lin.weight.to_layout("planes")
+    assert planes.code_layout == "planes" and planes.cpu_int4_codes is None
+    assert torch.equal(planes.dequantize(), lin.weight.dequantize())
+    for a, b in zip(planes.packed(), lin.weight.packed()):
+        assert a == b if isinstance(a, int) else torch.equal(a, b)
+
+
+def test_resident_bytes_of_w4_are_close_to_the_stored_size() -> None:
+    """W4 g64 + 0.5 %: the CPU layout holds <= 1.25x the stored bytes (SmolLM2's shapes)."""
+    torch.manual_seed(0)
+    for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:
+        w = GWQTensor.from_float(torch.randn(n, k), torch.rand(n, k) < 0.005, 4, 64)
+        stored = sum(w.storage_bits().values()) / 8
+        assert stored < w.resident_bytes() <= 1.25 * stored, (n, k, w.resident_bytes() / stored)
+
+
+def test_save_load_rebuilds_the_fast_path(tmp_path) -> None:
+    model = torch.nn.Sequential(_qlinear(k=160, n=96), torch.nn.GELU(), _qlinear(bits=2, group_size=32, n=40, k=96))
+    save_quantized(model, tmp_path / "ck")
+    skeleton = torch.nn.Sequential(torch.nn.Linear(160, 96), torch.nn.GELU(), torch.nn.Linear(96, 40))
+    loaded = load_quantized(skeleton, tmp_path / "ck")
+    assert all(m.weight.code_layout == "cpu_int4" for m in (loaded[0], loaded[2]))
+    x = torch.randn(4, 160)
+    before = dispatch.CALLS["cpu_int4"]
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert dispatch.CALLS["cpu_int4"] == before + 4
+
+
+def test_torch_save_stores_the_portable_codes(monkeypatch) -> None:
+    """torch.save holds the stored bit planes (the CPU operand's order depends on the CPU),
+    and torch.load derives the CPU layout again."""
+    lin = _qlinear()
+    buf = io.BytesIO()
+    torch.save(lin.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["weight"].code_layout == "cpu_int4"
+    assert torch.equal(sd["weight"].cpu_int4_codes, lin.weight.cpu_int4_codes)
+    buf.seek(0)
+    monkeypatch.setattr(cpu_layout, "available", lambda: False)  # load as a machine without the kernel would
+    raw = torch.load(buf, weights_only=True)["weight"]
+    assert raw.code_layout == "planes" and raw.cpu_int4_codes is None
+    assert torch.equal(raw.packed_codes, lin.weight.packed().packed_codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_to_dtype_keeps_working(dtype) -> None:
+    model = torch.nn.Sequential(_qlinear(), torch.nn.ReLU(), _qlinear(bits=3, n=40, k=96))
+    model = model.to(dtype)
+    assert model[0].weight.dtype == dtype and model[0].weight.dequantize().dtype == dtype
+    assert model[0].bias.dtype == dtype
+    x = torch.randn(2, 160, dtype=dtype)
+    assert model(x).dtype == dtype
+    check_close(model[0](x), x, model[0].weight.packed(), model[0].bias)
+
+
+def test_model_to_cpu_and_meta() -> None:
+    lin = _qlinear().to("cpu")
+    assert lin.weight.code_layout == "cpu_int4"
+    meta = lin.to("meta")
+    assert meta.weight.device.type == "meta" and meta.weight.code_layout == "planes"
+    assert F.linear(torch.empty(2, 160, device="meta"), meta.weight).shape == (2, 96)
+
+
+def test_embedding_lookup_of_a_tied_quantized_weight() -> None:
+    w = GWQTensor.from_float(torch.randn(300, 96), torch.rand(300, 96) < 0.03, 4, 32)
+    emb = torch.nn.Embedding(300, 96)
+    emb.weight = torch.nn.Parameter(w, requires_grad=False)
+    ids = torch.tensor([[5, 299, 0], [5, 7, 123]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 96)
+    torch.testing.assert_close(out, w.dequantize()[ids], rtol=0, atol=0)
+    with pytest.raises(IndexError, match="token id 300 is out of range for a vocabulary of 300"):
+        emb(torch.tensor([1, 300]))
+    with pytest.raises(IndexError, match="token id -1"):
+        emb(torch.tensor([-1]))
