@@ -44,6 +44,7 @@ class LayerCalibration:
     saved_grad: torch.Tensor | None = None
     quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
     outlier_mask: torch.Tensor | None = None  # outlier_scope="model": bool [out, in], set by the model-wide ranking
+    is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
 
     def remove_hooks(self) -> None:
         for h in self.handles:

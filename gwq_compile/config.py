@@ -73,6 +73,12 @@ class GWQConfig(AOBaseConfig):
         damp: relative diagonal dampening of the Hessian for ``"hessian"``/``"gptq"``.
         skip_modules: fnmatch patterns of module names never quantized.
         skip_output_embeddings: also skip ``model.get_output_embeddings()`` whatever its name.
+        head_bits: ``None`` keeps the output embedding (the LM head) dense; 2, 3, 4 or 8
+            quantize it too, on its own grid (``head_bits``, ``head_group_size``) and whatever
+            ``skip_modules``/``skip_output_embeddings`` say.  An input embedding tied to it
+            shares the one quantized weight (lookups dequantize only the rows they read).
+            Its outliers come from the same saliency and ranking as every other layer's.
+        head_group_size: the head's group size (-1: per output channel).
         step: ``None`` (one shot: needs ``calibration_data``), ``"prepare"`` (start
             accumulating gradient saliency) or ``"convert"`` (quantize from what was accumulated).
         progress: show tqdm progress bars.
@@ -94,6 +100,8 @@ class GWQConfig(AOBaseConfig):
     damp: float = 0.01
     skip_modules: tuple[str, ...] = ("lm_head",)
     skip_output_embeddings: bool = True
+    head_bits: Optional[int] = None
+    head_group_size: int = 64
     step: Optional[str] = None
     progress: bool = True
 
@@ -110,6 +118,10 @@ class GWQConfig(AOBaseConfig):
         self._check_choice("step", STEP_CHOICES)
         if not isinstance(self.clip_search, (bool, str)) or (isinstance(self.clip_search, str) and self.clip_search not in CLIP_SEARCH_MODES):
             raise ValueError(f"GWQConfig.clip_search must be True, False or one of {CLIP_SEARCH_MODES}, got {self.clip_search!r}")
+        if self.head_bits is not None and (isinstance(self.head_bits, bool) or not isinstance(self.head_bits, int) or self.head_bits not in SUPPORTED_BITS):
+            raise ValueError(f"GWQConfig.head_bits must be None or one of {SUPPORTED_BITS}, got {self.head_bits!r}")
+        if isinstance(self.head_group_size, bool) or not isinstance(self.head_group_size, int) or (self.head_group_size <= 0 and self.head_group_size != -1):
+            raise ValueError(f"GWQConfig.head_group_size must be a positive int or -1 (per output channel), got {self.head_group_size!r}")
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.skip_modules, str):
@@ -120,6 +132,12 @@ class GWQConfig(AOBaseConfig):
         value = getattr(self, name)
         if value not in choices:
             raise ValueError(f"GWQConfig.{name} must be one of {choices}, got {value!r}")
+
+    def head_config(self) -> "GWQConfig":
+        """This config with the head's grid (``head_bits``, ``head_group_size``): what the LM head is quantized with."""
+        if self.head_bits is None:
+            raise ValueError("GWQConfig.head_bits is None: the output embedding is not quantized")
+        return self.replace(bits=self.head_bits, group_size=self.head_group_size)
 
     @property
     def needs_gradients(self) -> bool:

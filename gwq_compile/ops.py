@@ -137,7 +137,7 @@ def dequantize_rows(packed_codes, cpu_int4_codes, group_scales, group_zeros, out
     w = packing.dequantize_codes(codes, group_scales, group_zeros, group_size, torch.float32)
     if outlier_values.numel():
         packing.add_csr_rows(w, outlier_row_ptr, outlier_col_idx, outlier_values, rows)
-    return w.to(dtype)
+    return w.to(dtype).contiguous()  # (a partial last group leaves a strided view) the fake promises a contiguous tensor
 
 
 def _fake_dequantize(packed_codes, cpu_int4_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, rows, bits, group_size, in_features, dtype):

@@ -32,6 +32,16 @@ from gwq_compile.config import GWQConfig
 from gwq_compile.tensor import GWQTensor
 
 NAME_ATTR = "_gwq_name"
+HEAD_ATTR = "_gwq_head"  # on the output embedding quantized on the head's grid: the (module, name) of each tied parameter slot
+
+
+def layer_config(config: GWQConfig, state: calibration.LayerCalibration) -> GWQConfig:
+    """The config a layer is quantized with: the head's grid for the output embedding."""
+    if not state.is_head:
+        return config
+    if config.head_bits is None:
+        raise ValueError(f"layer {state.name!r} was prepared as the quantized LM head, but this config has head_bits=None")
+    return config.head_config()
 
 
 # ----------------------------------------------------------------------------- outlier selection
@@ -100,7 +110,7 @@ def layer_saliency(
         return hessian_saliency(weight.detach().float(), state.hessian, damp=config.damp)
     saliency = state.saliency_sum.t() if grad_in_out else state.saliency_sum
     if config.saliency == "grad_error":
-        saliency = saliency * rounding_error(weight, config, state.input_sq).square_()
+        saliency = saliency * rounding_error(weight, layer_config(config, state), state.input_sq).square_()
     return saliency
 
 
@@ -206,7 +216,8 @@ def _name(module: torch.nn.Module) -> str:
 
 def prepare_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
     _check_linear(module)
-    calibration.prepare_weight(module, _name(module), config)
+    state = calibration.prepare_weight(module, _name(module), config)
+    state.is_head = state.is_head or hasattr(module, HEAD_ATTR)
     return module
 
 
@@ -230,7 +241,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         mask = layer_outlier_mask(weight, state, config)
         try:
             warn_no_input_sq(state, config)
-            qweight = quantize_weight(weight, mask, config, state.hessian, state.input_sq)
+            qweight = quantize_weight(weight, mask, layer_config(config, state), state.hessian, state.input_sq)
         except ValueError as err:
             raise ValueError(f"layer {state.name!r}: {err}") from err
         state.quantized = torch.nn.Parameter(qweight, requires_grad=False)
@@ -238,6 +249,8 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         calibration.release_weight(weight)
         setattr(weight, calibration._STATE_ATTR, state)  # keep the result reachable for tied modules
     module.weight = state.quantized
+    for owner, pname in module.__dict__.get(HEAD_ATTR, ()):  # a tied input embedding shares the quantized head
+        owner._parameters[pname] = state.quantized
     return module
 
 
@@ -273,8 +286,18 @@ def _tied_to_other_modules(model: torch.nn.Module) -> dict[int, str]:
     return owners
 
 
+def output_head(model: torch.nn.Module, config: GWQConfig) -> torch.nn.Linear | None:
+    """The output embedding to quantize on the head's grid (``config.head_bits``), if any."""
+    if config.head_bits is None or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Linear) and not isinstance(head.weight, GWQTensor) else None
+
+
 def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Linear]]:
-    """The ``(name, module)`` pairs GWQ will quantize, after the skip rules."""
+    """The ``(name, module)`` pairs GWQ will quantize, after the skip rules; the output
+    embedding is one of them when ``config.head_bits`` is set (tied or not)."""
+    head = output_head(model, config)
     output_embeddings = None
     if config.skip_output_embeddings and hasattr(model, "get_output_embeddings"):
         output_embeddings = model.get_output_embeddings()
@@ -283,6 +306,9 @@ def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str,
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or isinstance(mod.weight, GWQTensor):
             continue
+        if mod is head:
+            targets.append((name or _name(mod), mod))
+            continue
         if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
             continue
         if id(mod.weight) in tied:
@@ -290,6 +316,16 @@ def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str,
             continue
         targets.append((name or _name(mod), mod))
     return targets
+
+
+def mark_target(model: torch.nn.Module, name: str, module: torch.nn.Module, config: GWQConfig) -> None:
+    """Name the layer (for messages); on the output embedding quantized on the head's grid,
+    record the other modules' slots that hold its weight (a tied input embedding), which
+    :func:`convert_linear` points at the quantized weight too, so the tie survives."""
+    setattr(module, NAME_ATTR, name)
+    if module is output_head(model, config):
+        slots = [(m, n) for m in model.modules() if not isinstance(m, torch.nn.Linear) for n, p in m._parameters.items() if p is module.weight]
+        setattr(module, HEAD_ATTR, slots)
 
 
 def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.Module, str], bool]:
@@ -309,7 +345,7 @@ def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.
 
     def _filter(module: torch.nn.Module, fqn: str) -> bool:
         if id(module) in chosen:
-            setattr(module, NAME_ATTR, chosen[id(module)])
+            mark_target(model, chosen[id(module)], module, config)
             return True
         return False
 
@@ -346,7 +382,7 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         for name, mod in targets:
-            setattr(mod, NAME_ATTR, name)
+            mark_target(model, name, mod, config)
             prepare_linear(mod, config)
         if config.step == "prepare":
             model._gwq_snapshot = snapshot  # restored by convert
@@ -378,8 +414,9 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
             rank_model_outliers(pending, config)
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
         convert_linear(mod, config)
-    for _, mod in prepared:  # drop the tied-weight bookkeeping left on old parameters
+    for _, mod in prepared:  # drop the bookkeeping left on the modules
         mod.__dict__.pop(NAME_ATTR, None)
+        mod.__dict__.pop(HEAD_ATTR, None)
     model._gwq_config = config.replace(step=None)
 
 
@@ -388,6 +425,12 @@ def _convert_model(model: torch.nn.Module, config: GWQConfig) -> None:
     if not targets:
         warnings.warn("GWQ found no nn.Linear layers to quantize; the model is unchanged", stacklevel=3)
         return
+    head = output_head(model, config)
+    if head is not None and calibration.layer_state(head.weight) is None:
+        raise ValueError(
+            f"head_bits={config.head_bits} at convert, but the output embedding was not prepared: "
+            "pass the same head_bits to the step='prepare' config"
+        )
     snapshot = model.__dict__.pop("_gwq_snapshot", None)
     try:
         convert_targets(model, targets, config)

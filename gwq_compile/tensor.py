@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -227,6 +228,14 @@ class GWQTensor(TorchAOBaseTensor):
         if self.packed_codes is not None and default_layout(self.device) == "cpu_int4":
             self.cpu_int4_codes, self.cpu_scales_zeros = cpu_layout.pack(self.packed())
             self.packed_codes = None
+
+    def _stable_hash_for_caching(self) -> str:
+        """What AOTAutograd's cache keys this weight by: its layout and the metadata of its fields
+        (never the data; the same graph serves every weight with the same metadata)."""
+        names = self.__tensor_flatten__()[0]
+        fields = [(n, tuple(getattr(self, n).shape), str(getattr(self, n).dtype), tuple(getattr(self, n).stride())) for n in names]
+        meta = (type(self).__qualname__, self.code_layout, self.bits, self.group_size, tuple(self.shape), str(self.dtype), self.device.type, fields)
+        return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
         return f"GWQTensor({self._quantization_type()}, dtype={self.dtype}, device={self.device})"

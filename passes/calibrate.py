@@ -427,7 +427,7 @@ def _calibrate(
         # The same preparation, loss and conversion as eager quantize_ (same order), so the
         # masks and packed weights are identical to eager GWQ on the same data.
         for name, mod in linears:
-            setattr(mod, quantize.NAME_ATTR, name)
+            quantize.mark_target(model, name, mod, config)
             quantize.prepare_linear(mod, config)
         for name, mod in convs:
             calibration.prepare_weight(mod, name, config)

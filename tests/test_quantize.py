@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchao
 
-from gwq_compile import GWQConfig, GWQTensor, dispatch, gwq_filter, quantization_report, quantize_
+from gwq_compile import GWQConfig, GWQTensor, dispatch, gwq_filter, packing, quantization_report, quantize_
 from gwq_compile.eval import logits_of, next_token_nll
 from tests.conftest import tiny_llama
 
@@ -428,3 +428,71 @@ def test_act_mse_without_a_module_call_falls_back_with_a_warning() -> None:
     mask = model.functional.weight.outlier_mask()
     want = packing.quantize_weight(w_functional, mask, 4, 8)  # plain min/max grid
     assert torch.equal(model.functional.weight.packed().group_scales, want.group_scales)
+
+
+# ----------------------------------------------------------------------------- the LM head (head_bits)
+
+
+def _head_cfg(**kw) -> GWQConfig:
+    return GWQConfig(**{**CFG, "head_bits": 8, "head_group_size": 32, **kw})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_bits_quantizes_the_head_on_its_own_grid(tie, token_ids) -> None:
+    model = tiny_llama(tie=tie)
+    dense_head = model.lm_head.weight.detach().clone()
+    fp = model(token_ids).logits
+    quantize_(model, _head_cfg(clip_search="none"), calibration_data=token_ids[:1])  # min/max ranges: no clipping
+    head = model.lm_head.weight
+    assert isinstance(head, GWQTensor) and (head.bits, head.group_size) == (8, 32)
+    assert all(m.weight.bits == CFG["bits"] for n, m in _linears(model).items() if n != "lm_head")
+    embedding = model.model.embed_tokens.weight
+    assert (embedding is head) == tie  # a tie survives quantization; an untied embedding stays dense
+    assert isinstance(embedding, GWQTensor) == tie
+    # 8-bit codes on min/max ranges: every weight within one step of its dense value (half a
+    # step of rounding, up to half a step more at an end of the range from the integer zero point)
+    step = packing.dequantize_codes(torch.ones_like(dense_head, dtype=torch.uint8), head.group_scales, torch.zeros_like(head.group_zeros), 32)
+    err = (head.dequantize() - dense_head).abs()
+    assert bool((err <= 1.001 * step + 1e-6).all()) and float(err.mean()) < float(step.mean()) / 3
+    q = model(token_ids).logits
+    assert (q - fp).norm() < 0.2 * fp.norm()
+    if tie:  # the embedding lookup reads the quantized rows
+        ids = token_ids[:1, :5]
+        torch.testing.assert_close(model.model.embed_tokens(ids), head.dequantize()[ids], rtol=0, atol=0)
+
+
+def test_head_bits_none_keeps_the_head_dense(llama, token_ids) -> None:
+    quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
+    assert not isinstance(llama.lm_head.weight, GWQTensor)
+
+
+def test_head_bits_through_prepare_and_convert(token_ids) -> None:
+    a, b = tiny_llama(3), tiny_llama(3)
+    quantize_(a, _head_cfg(), calibration_data=token_ids[:1])
+    quantize_(b, GWQConfig(step="prepare", head_bits=8))
+    next_token_nll(b(token_ids[:1]).logits, token_ids[:1]).backward()
+    quantize_(b, _head_cfg(step="convert"))
+    assert b.lm_head.weight is b.model.embed_tokens.weight
+    assert torch.equal(a.lm_head.weight.dequantize(), b.lm_head.weight.dequantize())
+
+
+def test_head_bits_at_convert_only_is_an_error(llama, token_ids) -> None:
+    quantize_(llama, GWQConfig(step="prepare"))
+    next_token_nll(llama(token_ids[:1]).logits, token_ids[:1]).backward()
+    with pytest.raises(ValueError, match="head_bits=8 at convert, but the output embedding was not prepared"):
+        quantize_(llama, _head_cfg(step="convert"))
+
+
+def test_head_bits_through_torchao_quantize_keeps_the_tie(llama, token_ids) -> None:
+    prepare = GWQConfig(step="prepare", head_bits=8)
+    torchao.quantization.quantize_(llama, prepare, filter_fn=gwq_filter(llama, prepare))
+    next_token_nll(llama(token_ids[:1]).logits, token_ids[:1]).backward()
+    convert = _head_cfg(step="convert")
+    torchao.quantization.quantize_(llama, convert, filter_fn=gwq_filter(llama, convert))
+    assert isinstance(llama.lm_head.weight, GWQTensor) and llama.lm_head.weight is llama.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("field, value", [("head_bits", 5), ("head_bits", 4.0), ("head_group_size", 0), ("head_group_size", True)])
+def test_head_config_is_validated(field, value) -> None:
+    with pytest.raises(ValueError, match=f"GWQConfig.{field}"):
+        GWQConfig(**{field: value})

