@@ -451,7 +451,7 @@ def _wrap_triton(kernel: object) -> object:
 def _linear_triton_op(x: torch.Tensor, *args) -> torch.Tensor:
     """``torch.ops.gwq.linear_triton``: :func:`gwq_linear_triton` visible to Inductor (CUDA);
     arguments as ``torch.ops.gwq.linear`` (:data:`gwq_compile.ops.STORED_SCHEMA`)."""
-    ops.check_input(x, args[0], args[-1])
+    dispatch.check_input(x, args[0], args[-1])
     return _launch(_wrap_triton, x, *args)
 
 

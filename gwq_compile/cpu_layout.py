@@ -20,8 +20,13 @@ the linear:
   ``(code - zero) * scale`` is ``(code - 8) * scale + (8 - zero) * scale``, repeated for
   every tile group of a GWQ group.  bf16 scales are the kernel's; the exact fp16 scales
   and uint8 zeros stay in the ``GWQTensor`` (they are the stored format).
-* **outliers** stay the stored CSR; each call adds them with one fp32 sparse-dense
-  product (``torch.sparse.mm``: MKL on x86, ~7 us for 0.5 % of a 576 x 576 layer).
+* **outliers** stay the stored CSR (int16 columns, fp16 values) and are added in fp32.
+
+:func:`linear` runs it all in one call of the compiled kernel ``torch.ops.gwq_cpu.linear``
+(``csrc/cpu_linear.cpp``, built on first use by :mod:`gwq_compile.cpu_kernel`), which adds
+the outliers and the bias in the same pass that stores the output; :func:`linear_aten` is
+the same computation in ATen ops (the outliers by one ``torch.sparse.mm``), for machines
+without a compiler and as a second implementation the tests hold against the first.
 
 Resident bytes for W4 g64 + 0.5 % outliers: 4 (codes) + 0.5 (bf16 tile grid) + 0.375
 (stored grid) + ~0.2 (CSR) bits per weight, against 4.58 stored: 1.1x.  W3/W2 take the
@@ -50,9 +55,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from gwq_compile import packing
+from gwq_compile import dispatch, packing
 
-__all__ = ["BLOCK_N", "KMap", "available", "k_map", "linear", "pack", "unpack_codes", "unpack_rows"]
+__all__ = ["BLOCK_N", "KMap", "available", "k_map", "linear", "linear_aten", "pack", "unpack_codes", "unpack_rows"]
 
 #: Rows per block of the packed operand: a multiple of the kernel's N block on every CPU
 #: capability (64 for AVX-512, 32 for AVX2 and the scalar fallback), so the operand is a
@@ -249,7 +254,7 @@ def outlier_product(x2: torch.Tensor, outlier_row_ptr: torch.Tensor, outlier_col
     return torch.sparse.mm(sparse, x2.float().t().contiguous())
 
 
-def linear(
+def linear_aten(
     x: torch.Tensor,
     cpu_int4_codes: torch.Tensor,
     cpu_scales_zeros: torch.Tensor,
@@ -261,7 +266,8 @@ def linear(
     group_size: int,
     in_features: int,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` on the CPU layout, in ``x``'s dtype (the int4 product in bf16, outliers in fp32)."""
+    """``x @ W.T + bias`` on the CPU layout in ATen ops, in ``x``'s dtype (the int4 product in bf16,
+    outliers in fp32): what the compiled kernel (``csrc/cpu_linear.cpp``) does in one call."""
     km = k_map(in_features, group_size, bits)
     n = outlier_row_ptr.numel() - 1
     x2 = x.reshape(-1, in_features)
@@ -279,3 +285,43 @@ def linear(
     if bias is not None:
         out.add_(bias)
     return out.view(*x.shape[:-1], n)
+
+
+def linear(
+    x: torch.Tensor,
+    cpu_int4_codes: torch.Tensor,
+    cpu_scales_zeros: torch.Tensor,
+    outlier_row_ptr: torch.Tensor,
+    outlier_col_idx: torch.Tensor,
+    outlier_values: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+    in_features: int,
+    kernel: Optional[str] = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` on the CPU layout, in ``x``'s dtype, by ``kernel`` (``"ext"``, the
+    compiled one, or ``"aten"``; default: what :func:`gwq_compile.dispatch.cpu_kernel` picks)."""
+    kernel = kernel or dispatch.cpu_kernel()
+    dispatch.count(f"cpu_int4_{kernel}")
+    if kernel == "ext":
+        km = k_map(in_features, group_size, bits)
+        return torch.ops.gwq_cpu.linear.default(
+            x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias,
+            km.tile_group, in_features, km.pad, km.gather, bits == 8,
+        )  # fmt: skip
+    return linear_aten(x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, in_features)
+
+
+def run(x: torch.Tensor, args: tuple, kernel: str) -> torch.Tensor:
+    """Body of ``torch.ops.gwq.linear_cpu`` on ``args`` (``ops.CPU_SCHEMA`` after ``x``) with the
+    given kernel; counted in ``dispatch.CALLS["cpu_int4"]``."""
+    dispatch.check_input(x, args[0], args[-1])
+    dispatch.count("cpu_int4")
+    int4_codes, int4_grid, _scales, _zeros, row_ptr, col_idx, values, bias, bits, group_size, in_features = args
+    return linear(x, int4_codes, int4_grid, row_ptr, col_idx, values, bias, bits, group_size, in_features, kernel)  # its own bf16 grid
+
+
+def linear_op(x: torch.Tensor, *args) -> torch.Tensor:
+    """Body of the registered ``torch.ops.gwq.linear_cpu``."""
+    return run(x, args, dispatch.cpu_kernel())

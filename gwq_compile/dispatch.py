@@ -14,8 +14,10 @@ weight layout                     ``GWQ_KERNEL`` unset / ``cpu``   ``reference``
 ``planes`` elsewhere              plain PyTorch                    plain PyTorch / Triton
 ================================  ==============================  =========================
 
-``GWQ_KERNEL=cpu`` on a weight without the CPU layout is an error, never a quiet
-fallback.  Within Triton, :func:`triton_family` picks the kernel family from M (the split-K
+The CPU path runs the compiled kernel (:func:`cpu_kernel`: ``"ext"``) or, with
+``GWQ_KERNEL=cpu_aten`` or without a compiler (one warning), the same computation in ATen
+ops.  ``GWQ_KERNEL=cpu`` on a weight without the CPU layout, or without the compiled
+kernel, is an error, never a quiet fallback.  Within Triton, :func:`triton_family` picks the kernel family from M (the split-K
 GEMV for ``M <= SMALL_M_MAX``, else dequantize + cuBLAS).  Calls of the CPU fast path are
 counted in :data:`CALLS` (tests use it to prove the fast path ran).
 
@@ -40,14 +42,15 @@ import torch
 __all__ = ["CALLS", "KERNEL_ENV", "PATHS", "SMALL_M_MAX", "TRITON_FAMILIES", "graph_op", "kernel_choice", "linear", "path", "stored_kernel", "triton_family"]
 
 KERNEL_ENV = "GWQ_KERNEL"
-KERNEL_CHOICES = ("", "reference", "triton", "cpu")
+KERNEL_CHOICES = ("", "reference", "triton", "cpu", "cpu_aten")
 #: What :func:`path` returns.
 PATHS = ("cpu_int4", "triton", "reference")
 #: Rows up to which the Triton GEMV / split-K family is used (decode and small batches).
 SMALL_M_MAX = 16
 #: Values of the Triton launcher's ``path`` argument.
 TRITON_FAMILIES = ("auto", "splitk", "gemm", "dense")
-#: Calls of each fast path actually run (not traced): ``CALLS["cpu_int4"]``.
+#: Calls of each fast path actually run (not traced): ``CALLS["cpu_int4"]`` (of which
+#: ``"cpu_int4_ext"`` / ``"cpu_int4_aten"`` by kernel).
 CALLS: collections.Counter = collections.Counter()
 
 
@@ -55,20 +58,31 @@ def count(kernel: str) -> None:
     CALLS[kernel] += 1
 
 
+def check_input(x: torch.Tensor, weight_field: torch.Tensor, in_features: int) -> None:
+    """Raise a clear error for an activation no GWQ op can take."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"gwq.linear: input has {x.shape[-1]} features, the weight expects {in_features}")
+    if x.device != weight_field.device:
+        raise ValueError(f"gwq.linear: input is on {x.device} but the quantized weight is on {weight_field.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"gwq.linear: input must be floating point, got {x.dtype}")
+
+
 def kernel_choice() -> str:
-    """The value of ``GWQ_KERNEL``: ``""`` (the best path), ``reference``, ``triton`` or ``cpu``."""
+    """The value of ``GWQ_KERNEL``: ``""`` (the best path), ``reference``, ``triton``, ``cpu`` or ``cpu_aten``."""
     choice = os.environ.get(KERNEL_ENV, "").strip().lower()
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNEL_ENV} must be one of 'reference', 'triton', 'cpu' or unset, got {choice!r}")
+        raise ValueError(f"{KERNEL_ENV} must be one of 'reference', 'triton', 'cpu', 'cpu_aten' or unset, got {choice!r}")
     return choice
 
 
-def path(x: torch.Tensor, weight) -> str:
-    """Which of :data:`PATHS` runs ``F.linear(x, weight)`` for a ``GWQTensor`` ``weight``."""
-    choice = kernel_choice()
-    if weight.code_layout == "cpu_int4":
-        return "cpu_int4" if choice in ("", "cpu") else choice
-    if choice == "cpu":
+def path(x: torch.Tensor, weight, choice: Optional[str] = None) -> str:
+    """Which of :data:`PATHS` runs ``F.linear(x, weight)`` for a ``GWQTensor`` ``weight``
+    (``choice``: ``GWQ_KERNEL`` when already read)."""
+    choice = kernel_choice() if choice is None else choice
+    if weight.cpu_int4_codes is not None:  # the "cpu_int4" code layout
+        return "cpu_int4" if choice in ("", "cpu", "cpu_aten") else choice
+    if choice in ("cpu", "cpu_aten"):
         raise ValueError(
             f"{KERNEL_ENV}=cpu: this GWQ weight is in the '{weight.code_layout}' layout on {weight.device}; only CPU "
             "weights have the int4 CPU layout (move the model with .to('cpu'))"
@@ -76,6 +90,18 @@ def path(x: torch.Tensor, weight) -> str:
     if choice:
         return choice
     return "triton" if x.is_cuda else "reference"
+
+
+def cpu_kernel(choice: Optional[str] = None) -> str:
+    """How the CPU fast path runs: ``"ext"``, the compiled kernel (:mod:`gwq_compile.cpu_kernel`),
+    or ``"aten"``, the same computation in ATen ops (``GWQ_KERNEL=cpu_aten``, or no compiler:
+    then with one warning).  ``GWQ_KERNEL=cpu`` insists on the compiled kernel."""
+    choice = kernel_choice() if choice is None else choice
+    if choice == "cpu_aten":
+        return "aten"
+    if choice == "cpu" and cpu_kernel_module.reason_unavailable() is not None:
+        raise RuntimeError(f"{KERNEL_ENV}=cpu, but the GWQ CPU kernel could not be built: {cpu_kernel_module.reason_unavailable()}")
+    return "ext" if cpu_kernel_module.available() else "aten"
 
 
 def stored_kernel(x: torch.Tensor) -> str:
@@ -104,17 +130,21 @@ def graph_op(weight) -> tuple[torch._ops.OpOverload, dict[str, torch.Tensor]]:
     body still follows ``GWQ_KERNEL`` at run time)."""
     from gwq_compile import ops  # noqa: PLC0415  (ops imports this module)
 
-    if weight.code_layout == "cpu_int4" and kernel_choice() in ("", "cpu"):
+    if weight.code_layout == "cpu_int4" and kernel_choice() in ("", "cpu", "cpu_aten"):
         return torch.ops.gwq.linear_cpu.default, dict(zip(ops.CPU_FIELDS, weight.cpu_fields()))
     return torch.ops.gwq.linear.default, dict(zip(ops.STORED_FIELDS, weight.stored_fields()))
 
 
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks."""
-    chosen = path(x, weight)
-    attributes = (weight.bits, weight.group_size, weight.in_features)
+    choice = kernel_choice()
+    chosen = path(x, weight, choice)
+    attributes = (weight.bits, weight.group_size, weight.shape[1])
     if chosen == "cpu_int4":
-        return torch.ops.gwq.linear_cpu(x, *weight.cpu_fields(), bias, *attributes)
+        args = (*weight.cpu_fields(), bias, *attributes)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+            return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula
+        return cpu_layout.run(x, args, cpu_kernel(choice))  # eager inference: the op's body, without the dispatcher's Python hops
     if chosen == "reference":
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
     stored = weight.stored_fields()
@@ -123,3 +153,8 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
         # keep the opaque op (a triton_op cannot run on the interpreter inside torch.compile).
         return torch.ops.gwq.linear_triton(x, *stored, bias, *attributes)
     return torch.ops.gwq.linear(x, *stored, bias, *attributes)
+
+
+# Imported last: both import this module (their functions call back into it at run time only).
+from gwq_compile import cpu_kernel as cpu_kernel_module  # noqa: E402
+from gwq_compile import cpu_layout  # noqa: E402

@@ -66,16 +66,6 @@ STORED_SCHEMA = schema(STORED_FIELDS)
 CPU_SCHEMA = schema(CPU_FIELDS)
 
 
-def check_input(x: torch.Tensor, weight_field: torch.Tensor, in_features: int) -> None:
-    """Raise a clear error for an activation no GWQ op can take."""
-    if x.shape[-1] != in_features:
-        raise ValueError(f"gwq.linear: input has {x.shape[-1]} features, the weight expects {in_features}")
-    if x.device != weight_field.device:
-        raise ValueError(f"gwq.linear: input is on {x.device} but the quantized weight is on {weight_field.device}")
-    if not x.is_floating_point():
-        raise TypeError(f"gwq.linear: input must be floating point, got {x.dtype}")
-
-
 def reference_linear(x: torch.Tensor, *args) -> torch.Tensor:
     """Plain-PyTorch GWQ linear on the stored layout (dequantize, matmul, outliers included):
     the reference every kernel is checked against.  ``args``: :data:`STORED_SCHEMA` after ``x``."""
@@ -103,19 +93,12 @@ _LIB.define("unpack_cpu_codes(Tensor cpu_int4_codes, int bits, int group_size, i
 
 
 def _stored_linear(x: torch.Tensor, *args) -> torch.Tensor:
-    check_input(x, args[0], args[-1])
+    dispatch.check_input(x, args[0], args[-1])
     if dispatch.stored_kernel(x) == "triton":
         from gwq_compile.codegen import launch  # noqa: PLC0415  (triton is optional on CPU)
 
         return launch.gwq_linear_triton(x, *args)
     return reference_linear(x, *args)
-
-
-def _cpu_linear(x: torch.Tensor, *args) -> torch.Tensor:
-    check_input(x, args[0], args[-1])
-    dispatch.count("cpu_int4")
-    int4_codes, int4_grid, _scales, _zeros, *outliers_bias_attrs = args  # the kernel reads its own bf16 grid
-    return cpu_layout.linear(x, int4_codes, int4_grid, *outliers_bias_attrs)
 
 
 def dequantize_rows(packed_codes, cpu_int4_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, rows, bits, group_size, in_features, dtype):
@@ -156,7 +139,7 @@ def _fake_cpu(x: torch.Tensor, *args) -> torch.Tensor:
 
 
 torch.library.impl("gwq::linear", "CompositeExplicitAutograd", lib=_LIB)(_stored_linear)
-torch.library.impl("gwq::linear_cpu", "CompositeExplicitAutograd", lib=_LIB)(_cpu_linear)
+torch.library.impl("gwq::linear_cpu", "CompositeExplicitAutograd", lib=_LIB)(cpu_layout.linear_op)
 torch.library.register_fake("gwq::linear", lib=_LIB)(_fake_stored)
 torch.library.register_fake("gwq::linear_cpu", lib=_LIB)(_fake_cpu)
 torch.library.impl("gwq::dequantize", "CompositeExplicitAutograd", lib=_LIB)(dequantize_rows)

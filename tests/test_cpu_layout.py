@@ -18,7 +18,9 @@ with ``S`` the group scale of each weight (one more ``u T`` for rounding bf16/fp
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gwq_compile import GWQConfig, GWQTensor, cpu_layout, dispatch, load_quantized, packing, quantize_, save_quantized
+from gwq_compile import GWQConfig, GWQTensor, cpu_kernel, cpu_layout, dispatch, load_quantized, packing, quantize_, save_quantized
 from tests.conftest import tiny_llama
 
 U = 2.0**-8
@@ -62,9 +64,30 @@ def check_close(y: torch.Tensor, x: torch.Tensor, p: packing.PackedWeight, bias:
     assert bool((err <= bound).all()), f"error {float(err.max()):.3g} exceeds the bound by x{worst:.3g}"
 
 
-def fast_linear(x, p, bias):
-    codes, grid = cpu_layout.pack(p)
-    return cpu_layout.linear(x, codes, grid, *p[3:6], bias, p.bits, p.group_size, p.in_features)
+KERNELS = {"ext": "cpu", "aten": "cpu_aten"}  # the fast path's two implementations, by GWQ_KERNEL value
+
+
+@contextlib.contextmanager
+def kernel_env(kernel: str):
+    old = os.environ.get(dispatch.KERNEL_ENV)
+    os.environ[dispatch.KERNEL_ENV] = KERNELS[kernel]
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[dispatch.KERNEL_ENV]
+        else:
+            os.environ[dispatch.KERNEL_ENV] = old
+
+
+def fast_linear(x, p, bias, kernel: str = "ext", codes_grid=None):
+    """The CPU fast path on ``p`` with the given kernel, which must be the one that ran."""
+    codes, grid = codes_grid or cpu_layout.pack(p)
+    before = dispatch.CALLS[f"cpu_int4_{kernel}"]
+    with kernel_env(kernel):
+        y = cpu_layout.linear(x, codes, grid, *p[3:6], bias, p.bits, p.group_size, p.in_features)
+    assert dispatch.CALLS[f"cpu_int4_{kernel}"] == before + 1
+    return y
 
 
 # ----------------------------------------------------------------------------- the layout
@@ -101,6 +124,7 @@ def problems(draw) -> dict:
         bias=draw(st.booleans()),
         three_d=draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+        kernel=draw(st.sampled_from(sorted(KERNELS))),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -115,28 +139,49 @@ def test_fast_path_matches_reference(c: dict) -> None:
     shape = (2, c["m"], c["k"]) if c["three_d"] else (c["m"], c["k"])
     x = torch.randn(*shape, generator=gen).to(c["dtype"])
     bias = torch.randn(c["n"], generator=gen).to(c["dtype"]) if c["bias"] else None
-    check_close(fast_linear(x, p, bias), x, p, bias)
+    check_close(fast_linear(x, p, bias, c["kernel"]), x, p, bias)
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("m", [1, 3, 40])
 @pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48])
-def test_every_format(bits: int, group_size: int) -> None:
+def test_every_format(bits: int, group_size: int, m: int, kernel: str) -> None:
     p = make_weight(70, 150, bits, group_size, density=0.05, seed=bits * 100 + group_size, dense_col=True)
-    x = torch.randn(5, 150)
+    x = torch.randn(m, 150)
     bias = torch.randn(70)
-    check_close(fast_linear(x, p, bias), x, p, bias)
+    check_close(fast_linear(x, p, bias, kernel), x, p, bias)
 
 
-def test_check_rejects_a_broken_grid() -> None:
+def test_the_compiled_kernel_is_built_here() -> None:
+    """CI machines have g++ and ninja: the fast path must not quietly use its ATen version there."""
+    assert cpu_kernel.reason_unavailable() is None
+    assert dispatch.cpu_kernel() == "ext"
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_check_rejects_a_broken_grid(kernel: str) -> None:
     """The tolerance is tight enough to see a grid off by one code step in one group."""
     p = make_weight(64, 128, 4, 64, density=0.0, seed=3)
     codes, grid = cpu_layout.pack(p)
     broken = grid.clone()
     broken[0, 5, 1] += broken[0, 5, 0]  # tile group 0 of row 5: every weight one step higher
     x = torch.rand(4, 128) + 0.5
-    y = cpu_layout.linear(x, codes, broken, *p[3:6], None, 4, 64, 128)
+    y = fast_linear(x, p, None, kernel, codes_grid=(codes, broken))
     with pytest.raises(AssertionError, match="exceeds the bound"):
         check_close(y, x, p, None)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_check_rejects_a_dropped_outlier(kernel: str) -> None:
+    p = make_weight(64, 128, 4, 64, density=0.02, seed=4)
+    j = int(p.outlier_row_ptr[10])  # an outlier of row 10, left out of the product below
+    x = torch.full((4, 128), 1e-3)
+    x[:, int(p.outlier_col_idx[j])] = 1.0  # its column carries the signal
+    check_close(fast_linear(x, p, None, kernel), x, p, None)
+    dropped = p._replace(outlier_values=p.outlier_values.clone().index_fill_(0, torch.tensor([j]), 0.0))
+    with pytest.raises(AssertionError, match="exceeds the bound"):
+        check_close(fast_linear(x, dropped, None, kernel), x, p, None)
 
 
 # ----------------------------------------------------------------------------- through GWQTensor

@@ -1,0 +1,76 @@
+"""The compiled CPU kernel of the fast path (``csrc/cpu_linear.cpp``), built on first use.
+
+``torch.ops.gwq_cpu.linear`` does in one call what :func:`gwq_compile.cpu_layout.linear`
+does with a dozen ATen ops: round x to bf16, run torch's int4 CPU GEMM, then add the fp16
+CSR outliers (read as stored: int16 columns, fp16 values) and the bias in the same pass
+that writes the output.  It is the part no library has (the outliers) plus the glue that
+otherwise costs more per call than the GEMM at decode sizes.
+
+The source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 10 s)
+into ``$GWQ_EXTENSIONS_DIR`` or ``~/.cache/gwq_compile/<python>-<torch>``, once per
+machine.  If that is impossible (no compiler), :func:`available` says why in one warning
+and :mod:`gwq_compile.dispatch` runs the fast path's ATen-op version instead (same layout,
+same numerics, more per-call overhead); ``GWQ_KERNEL=cpu_aten`` asks for that version.
+
+Example:
+    >>> from gwq_compile import cpu_kernel
+    >>> cpu_kernel.available() in (True, False)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "build_dir", "reason_unavailable"]
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_linear.cpp"
+
+
+def build_dir() -> Path:
+    """Where the kernel is built and cached (one build per Python and torch version)."""
+    root = os.environ.get("GWQ_EXTENSIONS_DIR") or Path.home() / ".cache" / "gwq_compile"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+    return Path(root) / tag
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build/load the extension; ``None`` on success, else the reason it is unavailable."""
+    try:
+        from torch.utils.cpp_extension import load  # noqa: PLC0415  (heavy; only on first use)
+
+        path = build_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        load(name="gwq_cpu_linear", sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, build_directory=str(path))
+    except Exception as err:  # noqa: BLE001  (any build failure: reported once, below)
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
+    return None
+
+
+def reason_unavailable() -> str | None:
+    """``None`` once the kernel is built (or found in the cache), else why it cannot be."""
+    return _load()
+
+
+def available() -> bool:
+    """Whether ``torch.ops.gwq_cpu.linear`` can run; a failed build warns once, naming the reason."""
+    reason = _load()
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"the GWQ CPU kernel ({SOURCE.name}) could not be built ({reason}); the CPU fast path runs its ATen-op version, "
+        "which is slower per call (install g++ and ninja, or set GWQ_KERNEL=cpu_aten to silence this)",
+        stacklevel=5,
+    )
