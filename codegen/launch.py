@@ -176,34 +176,22 @@ def use_interpreter(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- checks
 
 
-def _check(
-    x: torch.Tensor,
-    packed_codes: torch.Tensor,
-    group_scales: torch.Tensor,
-    group_zeros: torch.Tensor,
-    outlier_row_ptr: torch.Tensor,
-    outlier_col_idx: torch.Tensor,
-    outlier_values: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> None:
+def _check(x: torch.Tensor, p: packing.PackedWeight, bias: Optional[torch.Tensor]) -> None:
     """Raise a clear error, naming the argument, for anything the kernels cannot take."""
-    packing.check_bits(bits)
+    packing.check_bits(p.bits)
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"gwq_linear_triton: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"gwq_linear_triton: x has shape {tuple(x.shape)}, its last dim must be in_features={in_features}")
-    n = packed_codes.shape[0] if packed_codes.dim() == 2 else -1
-    groups = packing.num_groups(in_features, group_size)
+    if x.dim() < 1 or x.shape[-1] != p.in_features:
+        raise ValueError(f"gwq_linear_triton: x has shape {tuple(x.shape)}, its last dim must be in_features={p.in_features}")
+    n = p.packed_codes.shape[0] if p.packed_codes.dim() == 2 else -1
+    groups = packing.num_groups(p.in_features, p.group_size)
     expected = {
-        "packed_codes": (packed_codes, (torch.uint8,), (n, packing.packed_row_bytes(in_features, bits))),
-        "group_scales": (group_scales, (torch.float16,), (n, groups)),
-        "group_zeros": (group_zeros, (torch.uint8,), (n, groups)),
-        "outlier_row_ptr": (outlier_row_ptr, (torch.int32,), (n + 1,)),
-        "outlier_col_idx": (outlier_col_idx, (torch.int16, torch.int32), (outlier_values.shape[0],)),
-        "outlier_values": (outlier_values, (torch.float16,), (outlier_col_idx.shape[0],)),
+        "packed_codes": (p.packed_codes, (torch.uint8,), (n, packing.packed_row_bytes(p.in_features, p.bits))),
+        "group_scales": (p.group_scales, (torch.float16,), (n, groups)),
+        "group_zeros": (p.group_zeros, (torch.uint8,), (n, groups)),
+        "outlier_row_ptr": (p.outlier_row_ptr, (torch.int32,), (n + 1,)),
+        "outlier_col_idx": (p.outlier_col_idx, (torch.int16, torch.int32), (p.outlier_values.shape[0],)),
+        "outlier_values": (p.outlier_values, (torch.float16,), (p.outlier_col_idx.shape[0],)),
     }
     if bias is not None:
         expected["bias"] = (bias, _ACT_DTYPES, (n,))
@@ -214,8 +202,8 @@ def _check(
             raise ValueError(f"gwq_linear_triton: {name} has shape {tuple(t.shape)}, expected {shape}")
         if t.device != x.device:
             raise ValueError(f"gwq_linear_triton: {name} is on {t.device} but x is on {x.device}")
-    if in_features > torch.iinfo(torch.int16).max and outlier_col_idx.dtype != torch.int32:
-        raise TypeError(f"gwq_linear_triton: outlier_col_idx must be int32 when in_features > 32767, got {outlier_col_idx.dtype}")
+    if p.in_features > torch.iinfo(torch.int16).max and p.outlier_col_idx.dtype != torch.int32:
+        raise TypeError(f"gwq_linear_triton: outlier_col_idx must be int32 when in_features > 32767, got {p.outlier_col_idx.dtype}")
 
 
 def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[str, int]:
@@ -253,25 +241,16 @@ def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[st
 def _launch(
     wrap: Callable[[object], object],
     x: torch.Tensor,
-    packed_codes: torch.Tensor,
-    group_scales: torch.Tensor,
-    group_zeros: torch.Tensor,
-    outlier_row_ptr: torch.Tensor,
-    outlier_col_idx: torch.Tensor,
-    outlier_values: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
+    *args,
     path: str = "auto",
     config: Optional[Mapping[str, int]] = None,
 ) -> torch.Tensor:
     """Shared body of the plain launcher and the triton_op; ``wrap`` is identity or
-    ``wrap_triton`` (which must not see interpreted kernels)."""
+    ``wrap_triton`` (which must not see interpreted kernels).  ``args``: ``ops.STORED_SCHEMA`` after ``x``."""
     triton = _require_triton()
-    k = in_features
+    packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, k = args
     group_size = packing.effective_group_size(k, group_size)
-    _check(x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, k)
+    _check(x, packing.PackedWeight(*args[:6], bits, group_size, k), bias)
     interpret = use_interpreter(x.device)
     if interpret and x.dtype == torch.bfloat16:
         raise TypeError(
@@ -398,31 +377,16 @@ def _identity(kernel: object) -> object:
     return kernel
 
 
-def gwq_linear_triton(
-    x: torch.Tensor,
-    packed_codes: torch.Tensor,
-    group_scales: torch.Tensor,
-    group_zeros: torch.Tensor,
-    outlier_row_ptr: torch.Tensor,
-    outlier_col_idx: torch.Tensor,
-    outlier_values: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    bits: int,
-    group_size: int,
-    in_features: int,
-    *,
-    path: str = "auto",
-    config: Optional[Mapping[str, int]] = None,
-) -> torch.Tensor:
-    """GWQ linear ``x @ W.T + bias`` with the fused Triton kernels (arguments as ``torch.ops.gwq.linear``).
+def gwq_linear_triton(x: torch.Tensor, *args, path: str = "auto", config: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+    """GWQ linear ``x @ W.T + bias`` with the fused Triton kernels.
 
     Args:
         x: activations ``[..., in_features]``, fp16/bf16/fp32, any strides; the output
             has ``x``'s dtype and leading dims.
-        packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx,
-            outlier_values, bits, group_size, in_features: the packed weight
-            (:class:`gwq_compile.packing.PackedWeight`); ``group_size`` -1 means per channel.
-        bias: optional ``[out_features]``, added in fp32 at the store.
+        args: the rest of ``torch.ops.gwq.linear``'s arguments (:data:`gwq_compile.ops.STORED_SCHEMA`):
+            the six tensors of the packed weight (:class:`gwq_compile.packing.PackedWeight`),
+            ``bias`` (optional ``[out_features]``, added in fp32 at the store), ``bits``,
+            ``group_size`` (-1 means per channel) and ``in_features``.
         path: ``"auto"`` (``M <= 16`` -> split-K, else dense), ``"splitk"``, ``"gemm"``
             (fused tiled kernel) or ``"dense"`` (dequantize, then ``F.linear``).
         config: explicit tile knobs (e.g. ``{"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}``)
@@ -436,10 +400,7 @@ def gwq_linear_triton(
         >>> y.shape
         torch.Size([3, 40])
     """
-    return _launch(
-        _identity, x, packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values,
-        bias, bits, group_size, in_features, path=path, config=config,
-    )  # fmt: skip
+    return _launch(_identity, x, *args, path=path, config=config)
 
 
 def _wrap_triton(kernel: object) -> object:
