@@ -327,3 +327,20 @@ def test_generate_eager_and_static_cache_compiled_agree() -> None:
     assert dispatch.CALLS["cpu_int4"] - before == 6 * 15  # 6 steps x (14 linears + the head)
     assert len(set(eager[0, 8:].tolist())) > 1  # a real continuation, not one token repeated
     assert torch.equal(eager, compiled)
+
+
+def test_without_a_compiler_the_aten_version_runs_with_one_warning(monkeypatch) -> None:
+    """A failed build is said once, and GWQ_KERNEL=cpu (insisting on the compiled kernel) is an error."""
+    monkeypatch.setattr(cpu_kernel, "_load", lambda: "CalledProcessError: g++ not found")
+    cpu_kernel._warn_once.cache_clear()
+    lin = _qlinear()
+    x = torch.randn(2, 160)
+    before = dict(dispatch.CALLS)
+    with pytest.warns(UserWarning, match="could not be built .*g\\+\\+ not found.*ATen-op version"):
+        y = lin(x)
+    assert dispatch.CALLS["cpu_int4_aten"] == before.get("cpu_int4_aten", 0) + 1
+    check_close(y, x, lin.weight.packed(), lin.bias.detach())
+    monkeypatch.setenv(dispatch.KERNEL_ENV, "cpu")
+    with pytest.raises(RuntimeError, match="GWQ_KERNEL=cpu, but the GWQ CPU kernel could not be built: CalledProcessError"):
+        lin(x)
+    cpu_kernel._warn_once.cache_clear()
