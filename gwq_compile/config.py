@@ -10,23 +10,21 @@ Example:
     >>> GWQConfig(bits=5)
     Traceback (most recent call last):
     ...
-    ValueError: GWQConfig.bits must be one of (2, 3, 4, 8), got 5
+    ValueError: GWQConfig.bits must be an int, one of (2, 3, 4, 8), got 5
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torchao.core.config import AOBaseConfig
 
+from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CHOICES, STEP_CHOICES
 from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
 
-SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "grad_error", "hessian")
-SCOPE_CHOICES = ("layer", "row", "model")
-COMPENSATION_CHOICES = ("none", "gptq", "gptq_act")
-STEP_CHOICES = (None, "prepare", "convert")
 MAX_OUTLIER_RATIO = 0.5
 
 
@@ -98,10 +96,13 @@ class GWQConfig(AOBaseConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"GWQConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+        # Integers only (numpy ints too): 4.0 would pass `in SUPPORTED_BITS` and then fail in a bit shift.
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GWQConfig.bits must be an int, one of {SUPPORTED_BITS}, got {self.bits!r}")
+        self.bits = int(self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral) or (self.group_size <= 0 and self.group_size != -1):
             raise ValueError(f"GWQConfig.group_size must be a positive int or -1 (per output channel), got {self.group_size!r}")
+        self.group_size = int(self.group_size)
         if isinstance(self.outlier_ratio, bool) or not isinstance(self.outlier_ratio, (int, float)) or not 0.0 <= self.outlier_ratio <= MAX_OUTLIER_RATIO:
             raise ValueError(f"GWQConfig.outlier_ratio must be in [0, {MAX_OUTLIER_RATIO}], got {self.outlier_ratio!r}")
         self._check_choice("saliency", SALIENCY_CHOICES)

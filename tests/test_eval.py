@@ -174,7 +174,7 @@ def test_cli_eval_on_tiny_model(tiny_dir, text_file, tmp_path, capsys) -> None:
         (["--seqlen", "128"], "longer than the model's context"),  # the tiny model's context is 64
         (["--seqlen", "32", "--dataset", "c4"], "JSON-lines"),  # a plain text file is not C4
         (["--seqlen", "32", "--model", "/nonexistent/model.gguf"], "does not exist"),
-        (["--seqlen", "32", "--model", "{tmp}/broken.gguf"], "could not load a causal LM"),  # garbage bytes
+        (["--seqlen", "32", "--model", "{tmp}/broken.gguf"], "could not read the GGUF metadata"),  # garbage bytes
         (["--seqlen", "32", "--data-file", "{tmp}/missing.txt"], "does not exist"),
     ],
 )
@@ -202,7 +202,8 @@ def test_cli_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys) -> None:
         "--calib-data", str(text_file), "--calib-seqlen", "32", "--out", str(out), "--no-progress",
     ])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    assert (out / "gwq_config.json").is_file() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gwq"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "bits/weight" in capsys.readouterr().out
     rc = main(["eval", "--model", str(out), "--data-file", str(text_file), "--seqlen", "32", "--no-progress"])
     assert rc == 0
