@@ -14,8 +14,9 @@
   ``TorchAoConfig(GWQConfig(...))`` fails in one line where GWQ cannot work per module, and
   a model prepared through it and converted saves as GWQ.
 
-:func:`register` is called by :mod:`gwq_compile.hf_registration` when transformers'
-registry is imported after ``import gwq_compile`` (or right away if it already was).
+:func:`register` runs when this module is imported, which :mod:`gwq_compile.hf_registration`
+does as soon as transformers' registry is imported after ``import gwq_compile`` (or right
+away if it already was).
 
 Example:
     >>> import gwq_compile                                                       # doctest: +SKIP
@@ -27,9 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 import torch
+from torchao.core.config import AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
@@ -99,6 +103,11 @@ class GWQHfConfig(QuantizationConfigMixin):
         self.dataset, self.tokenizer, self.calibration_data = dataset, tokenizer, calibration_data
         self.n_samples, self.seq_len, self.seed = n_samples, seq_len, seed
 
+    def get_apply_tensor_subclass(self) -> "KeepDenseAfterMerge":
+        """What peft's LoRA ``merge()`` re-quantizes a merged layer with: nothing (see
+        :class:`KeepDenseAfterMerge`)."""
+        return KeepDenseAfterMerge()
+
     def to_dict(self) -> dict[str, Any]:
         gwq = {k: v for k, v in self.gwq_config.to_dict().items() if k not in _RUN_FIELDS}
         calibration = {"n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
@@ -111,6 +120,33 @@ class GWQHfConfig(QuantizationConfigMixin):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GWQHfConfig) and self.to_dict() == other.to_dict()
+
+
+@dataclasses.dataclass
+class KeepDenseAfterMerge(AOBaseConfig):
+    """torchao config that leaves a module's weight as it is.
+
+    peft merges a LoRA adapter into a torchao-quantized layer by dequantizing, adding the
+    adapter's delta and re-quantizing with the model's ``get_apply_tensor_subclass()``.  GWQ
+    cannot re-quantize one layer alone: its outliers and grid come from whole-model
+    calibration.  So a merged layer keeps its dense weight (exactly W_gwq + BA); run
+    ``gwq_compile.quantize_(model, config, calibration_data=...)`` afterwards to quantize the
+    merged layers again (layers still holding GWQ weights are left as they are).
+    """
+
+
+@register_quantize_module_handler(KeepDenseAfterMerge)
+def _keep_dense(module: torch.nn.Module, config: KeepDenseAfterMerge) -> torch.nn.Module:
+    # peft hands over the merged weight as a plain tensor attribute (torchao's handlers
+    # re-wrap it); it must be a parameter again, or state_dict and save_pretrained miss it.
+    if not isinstance(module.weight, torch.nn.Parameter):
+        module.weight = torch.nn.Parameter(module.weight.detach(), requires_grad=False)
+    warnings.warn(
+        "the LoRA-merged layer keeps a dense weight (GWQ re-quantizes only with calibration): run "
+        "gwq_compile.quantize_(model, config, calibration_data=...) to quantize merged layers again",
+        stacklevel=2,
+    )
+    return module
 
 
 class GWQDeserialize(ConversionOps):
@@ -342,3 +378,6 @@ def register() -> None:
         mapping[QUANT_METHOD] = cls
     if AUTO_QUANTIZER_MAPPING.get("torchao") is TorchAoHfQuantizer:
         AUTO_QUANTIZER_MAPPING["torchao"] = TorchAoWithGWQ
+
+
+register()

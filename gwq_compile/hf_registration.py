@@ -24,10 +24,25 @@ import types
 REGISTRY_MODULE = "transformers.quantizers.auto"
 
 
-def register_now() -> None:
-    from gwq_compile.hf_quantizer import register
+MIN_TRANSFORMERS = "5.24"
 
-    register()
+
+def register_now() -> None:
+    # gwq_compile.hf_quantizer registers itself when its body has run.  Imported first (it
+    # imports the registry, which brings us here), it is still half-initialized now and
+    # this import returns at once; its last line does the registering.
+    try:
+        import gwq_compile.hf_quantizer  # noqa: F401
+    except ImportError as err:  # an older transformers: say so, but do not break transformers' own import
+        import warnings
+
+        import transformers
+
+        warnings.warn(
+            f"gwq_compile's transformers integration needs transformers>={MIN_TRANSFORMERS} (found "
+            f"{transformers.__version__}: {err}); from_pretrained/save_pretrained of GWQ models are unavailable",
+            stacklevel=2,
+        )
 
 
 class _RegisterAfterLoad(importlib.abc.Loader):

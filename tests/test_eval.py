@@ -15,6 +15,7 @@ import torch
 
 from gwq_compile import eval as gwq_eval
 from gwq_compile.cli import main
+from tests.conftest import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -34,22 +35,11 @@ def _tiny_llama(context: int = 64) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _byte_tokenizer():
-    """A byte-level tokenizer with exactly 256 ids (no merges), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
     _tiny_llama().save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     return path
 
 
