@@ -230,6 +230,10 @@ class GWQHfQuantizer(HfQuantizer):
             self.aliases.update(header[ser.META_ALIASES])
             self.sha256.update(header[ser.META_SHA256])
             self.header_config = header[ser.META_CONFIG]
+        # Tied names are stored once; the loader must not report the others as missing
+        # (they are tied again after loading, see _process_model_after_weight_loading).
+        tied = {f"^{re.escape(alias)}$" for alias in self.aliases}
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | tied
         return model
 
     @property

@@ -258,10 +258,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+# Files that describe the saved model itself: the old folder's copies never survive a new
+# save (a config.json of the old model beside new weights would describe the wrong model).
+_MODEL_FILES = ("config.json", "generation_config.json", LEGACY_MANIFEST_FILE)
+
+
 def _is_checkpoint_artifact(name: str) -> bool:
     """Files a new save replaces wholesale, so the old folder's copies are not carried over."""
-    return name.endswith((".safetensors", ".safetensors.index.json")) or name.startswith("pytorch_model") or name == LEGACY_MANIFEST_FILE or (
-        name.startswith(".") and name.endswith(".tmp")
+    return (
+        name.endswith((".safetensors", ".safetensors.index.json"))
+        or name.startswith("pytorch_model")
+        or name in _MODEL_FILES
+        or (name.startswith(".") and name.endswith(".tmp"))
     )
 
 

@@ -45,6 +45,18 @@ def test_save_pretrained_from_pretrained_is_bit_exact(token_ids, tmp_path, tie) 
     assert_same_model(model, AutoModelForCausalLM.from_pretrained(tmp_path / "again"))
 
 
+def test_weights_tied_between_linears_are_tied_again(token_ids, tmp_path, caplog) -> None:
+    """A tie transformers does not know about (two Linears, one weight): stored once, tied on load."""
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    quantize_(model, CFG, calibration_data=token_ids[:1])
+    model.save_pretrained(tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert loaded.model.layers[1].mlp.up_proj.weight is loaded.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(loaded(token_ids).logits, model(token_ids).logits)
+    assert "MISSING" not in caplog.text
+
+
 def test_from_pretrained_in_bf16(token_ids, tmp_path) -> None:
     model = _quantized(token_ids, tie=True)
     model.save_pretrained(tmp_path / "ck")
@@ -53,6 +65,13 @@ def test_from_pretrained_in_bf16(token_ids, tmp_path) -> None:
     assert isinstance(weight, GWQTensor) and weight.dtype == torch.bfloat16
     assert torch.equal(weight.packed_codes, model.model.layers[0].mlp.up_proj.weight.packed_codes)
     assert loaded(token_ids).logits.dtype == torch.bfloat16
+
+
+def test_from_pretrained_with_a_device_map(token_ids, tmp_path) -> None:
+    model = _quantized(token_ids, tie=True)
+    model.save_pretrained(tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", device_map="cpu")
+    assert_same_model(model, loaded)
 
 
 def test_one_layout_for_save_quantized_and_save_pretrained(token_ids, tmp_path) -> None:

@@ -119,8 +119,14 @@ def test_overwrite_keeps_other_files_and_replaces_weights(quantized, token_ids, 
     (out / "adapters" / "a.txt").write_text("adapter")
     save_quantized(quantized, out)
     assert (out / "README.md").read_text() == "my notes" and (out / "adapters" / "a.txt").read_text() == "adapter"
+    # a plain module saved over it: the old model's config.json does not survive beside the new weights
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    save_quantized(plain, tmp_path / "plain_over")
+    save_quantized(quantized, tmp_path / "plain_over")
+    save_quantized(plain, tmp_path / "plain_over")
+    assert sorted(p.name for p in (tmp_path / "plain_over").iterdir()) == [ser.WEIGHTS_FILE]
     assert_same_model(quantized, load_quantized(_skeleton(), out))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "plain_over"]
 
 
 def test_failed_save_keeps_the_old_checkpoint(quantized, tmp_path, monkeypatch) -> None:
