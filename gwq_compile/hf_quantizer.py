@@ -47,7 +47,6 @@ from gwq_compile.tensor import GWQTensor
 QUANT_METHOD = "gwq"
 # Fields of GWQConfig that describe a run, not the quantization: not written to config.json.
 _RUN_FIELDS = ("step", "progress")
-_CALIBRATION_DEFAULTS = {"dataset": "default", "n_samples": 1, "seq_len": 512, "seed": 0}
 
 
 class GWQHfConfig(QuantizationConfigMixin):
@@ -129,7 +128,8 @@ class KeepDenseAfterMerge(AOBaseConfig):
     peft merges a LoRA adapter into a torchao-quantized layer by dequantizing, adding the
     adapter's delta and re-quantizing with the model's ``get_apply_tensor_subclass()``.  GWQ
     cannot re-quantize one layer alone: its outliers and grid come from whole-model
-    calibration.  So a merged layer keeps its dense weight (exactly W_gwq + BA); run
+    calibration.  So a merged layer keeps the dense weight peft computed (the dequantized
+    GWQ weight plus the adapter's delta BA); run
     ``gwq_compile.quantize_(model, config, calibration_data=...)`` afterwards to quantize the
     merged layers again (layers still holding GWQ weights are left as they are).
     """
@@ -177,7 +177,7 @@ class GWQDeserialize(ConversionOps):
         if missing:
             raise ser.CheckpointError(f"layer {full_layer_name!r}: the checkpoint lacks its GWQ fields {missing}")
         dtype = target.dtype if target is not None and target.is_floating_point() else ser._dtype_from_name(layer["dtype"])
-        qweight = ser.gwq_tensor_from_fields(full_layer_name, fields, layer, dtype)
+        qweight = ser.gwq_tensor_from_fields(fields, layer, dtype)
         module._is_hf_initialized = True
         return {full_layer_name: torch.nn.Parameter(qweight, requires_grad=False)}
 

@@ -141,6 +141,9 @@ def interrupted_save_hint(path: Path) -> str:
         leftovers += sorted(p.name for p in path.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
     if not leftovers:
         return ""
+    backups = [path.parent / n / "old" for n in leftovers if n.startswith(f".{path.name}{BACKUP_MARK}")]
+    if not path.exists() and backups and backups[0].is_dir():  # only where renameat2 is missing
+        return f" (a save into it was interrupted; the previous checkpoint is in {str(backups[0])!r}, and the next save puts it back)"
     return f" (a save into it was interrupted: {', '.join(leftovers[:3])}{'...' if len(leftovers) > 3 else ''} left behind; save again)"
 
 
@@ -218,7 +221,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, header
 
 
-def gwq_tensor_from_fields(name: str, fields: dict[str, torch.Tensor], layer: dict, dtype: torch.dtype) -> GWQTensor:
+def gwq_tensor_from_fields(fields: dict[str, torch.Tensor], layer: dict, dtype: torch.dtype) -> GWQTensor:
     """Rebuild one :class:`GWQTensor` from its stored fields (codes flattened) and header entry."""
     codes = fields[CODES_FIELD].reshape(layer["codes_shape"])
     values = [codes if f == CODES_FIELD else fields[f] for f in GWQTensor.tensor_data_names]
@@ -417,7 +420,7 @@ def load_quantized(model: torch.nn.Module, path: str | os.PathLike, device: str 
                 raise ValueError(f"layer {name!r}: checkpoint shape {tuple(shape)} does not match the model's {tuple(target.shape)}")
             fields = {f: saved[field_key(name, f)] for f in GWQTensor.tensor_data_names}
             dtype = target.dtype if target.is_floating_point() else _dtype_from_name(layers[name]["dtype"])
-            value = gwq_tensor_from_fields(name, fields, layers[name], dtype)
+            value = gwq_tensor_from_fields(fields, layers[name], dtype)
         else:
             value = saved[name]
             if value.shape != target.shape:

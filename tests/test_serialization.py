@@ -145,6 +145,35 @@ def test_failed_save_keeps_the_old_checkpoint(quantized, tmp_path, monkeypatch) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+def test_without_atomic_exchange_an_interrupted_swap_is_repaired(quantized, tmp_path, monkeypatch) -> None:
+    """Where renameat2 is missing the swap is two renames; stopped between them, the old
+    checkpoint sits in the backup, loading says where, and the next save puts it back first."""
+    out = tmp_path / "ck"
+    save_quantized(quantized, out)
+    monkeypatch.setattr(ser, "_exchange", lambda a, b: False)
+    renames, real_rename = [], os.rename
+
+    def rename_then_stop(src, dst):
+        renames.append((src, dst))
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # stands in for a kill between the two renames
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(quantized, out)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="the previous checkpoint is in .*gwq-old-"):
+        load_quantized(_skeleton(), out)
+    # the next save puts the old checkpoint back before anything else, even when it then fails
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(quantized, out)
+    assert_same_model(quantized, load_quantized(_skeleton(), out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
 def test_stale_temporaries_are_removed_by_the_next_save(quantized, tmp_path) -> None:
     out = tmp_path / "ck"
     save_quantized(quantized, out)
