@@ -8,6 +8,10 @@ built-in quantizer), and ``import gwq_compile`` must stay cheap for the ``gwq`` 
   registered and the finder removes itself.  Every ``from_pretrained`` imports the registry
   before it reads a ``quantization_config``, so GWQ is always there in time.
 
+:func:`mark_transformers_model` is the other cheap entry point: ``quantize_`` calls it on
+every model it quantized, and only a transformers model (its module already imported) gets
+the GWQ quantizer attached.
+
 Example:
     >>> import gwq_compile, transformers                                      # doctest: +SKIP
     >>> transformers.quantizers.auto.AUTO_QUANTIZER_MAPPING["gwq"].__name__   # doctest: +SKIP
