@@ -108,11 +108,11 @@ class GWQHfConfig(QuantizationConfigMixin):
         return KeepDenseAfterMerge()
 
     def to_dict(self) -> dict[str, Any]:
+        """What config.json records: the method, the format version and the GWQ config.  The
+        calibration arguments are options of one quantize-on-load call, not of the model (a
+        model quantized with ``quantize_`` never saw them), so they are not written."""
         gwq = {k: v for k, v in self.gwq_config.to_dict().items() if k not in _RUN_FIELDS}
-        calibration = {"n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
-        if isinstance(self.dataset, str):
-            calibration["dataset"] = self.dataset
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, **gwq, **calibration}
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, **gwq}
 
     def __repr__(self) -> str:
         return f"GWQHfConfig({self.to_dict()})"

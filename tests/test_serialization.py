@@ -105,6 +105,8 @@ def test_transformers_layout_permissions_and_no_temp_files(quantized, tmp_path) 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gwq" and qc["format_version"] == ser.FORMAT_VERSION
     assert (qc["bits"], qc["group_size"], qc["outlier_ratio"]) == (3, 64, 0.02)
+    fields = {f for f in CFG.to_dict() if f not in ("step", "progress")}
+    assert set(qc) == {"quant_method", "format_version"} | fields  # the model's quantization, nothing of one run
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
 
