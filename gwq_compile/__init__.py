@@ -1,5 +1,10 @@
 """gwq-compile: GWQ (gradient-aware weight quantization) for PyTorch.
 
+``import gwq_compile`` is cheap: the public names below load their modules on first use
+(torchao, the ``torch.compile`` backend and its ``torch._dynamo``, Triton), and GWQ is
+registered with transformers' quantizer registry as soon as that is imported
+(:mod:`gwq_compile.hf_registration`).
+
 Example:
     >>> import torch
     >>> from gwq_compile import GWQConfig, quantize_, quantization_report
@@ -13,24 +18,55 @@ Example:
     64
 """
 
-from gwq_compile.backend import CalibrationData, backend  # the function shadows the module name on purpose
-from gwq_compile.config import GWQConfig
-from gwq_compile.data import calibration_tokens
-from gwq_compile.quantize import gwq_filter, quantize_
-from gwq_compile.report import quantization_report
-from gwq_compile.serialization import load_quantized, save_quantized
-from gwq_compile.tensor import GWQTensor
+from __future__ import annotations
 
-__all__ = [
-    "CalibrationData",
-    "GWQConfig",
-    "GWQTensor",
-    "backend",
-    "calibration_tokens",
-    "gwq_filter",
-    "load_quantized",
-    "quantization_report",
-    "quantize_",
-    "save_quantized",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from gwq_compile import hf_registration, import_noise
+
+# public name -> module defining it.  GWQConfig comes through gwq_compile.quantize so that
+# its torchao handler is registered whenever the config is.
+_LAZY = {
+    "CalibrationData": "gwq_compile.compile_backend",
+    "GWQConfig": "gwq_compile.quantize",
+    "GWQHfConfig": "gwq_compile.hf_quantizer",
+    "GWQTensor": "gwq_compile.tensor",
+    "backend": "gwq_compile.compile_backend",
+    "calibration_tokens": "gwq_compile.data",
+    "gwq_filter": "gwq_compile.quantize",
+    "load_quantized": "gwq_compile.serialization",
+    "quantization_report": "gwq_compile.report",
+    "quantize_": "gwq_compile.quantize",
+    "save_quantized": "gwq_compile.serialization",
+}
+
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+import_noise.install()
+hf_registration.install()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gwq_compile' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:
+    from gwq_compile.compile_backend import CalibrationData, backend
+    from gwq_compile.config import GWQConfig
+    from gwq_compile.data import calibration_tokens
+    from gwq_compile.hf_quantizer import GWQHfConfig
+    from gwq_compile.quantize import gwq_filter, quantize_
+    from gwq_compile.report import quantization_report
+    from gwq_compile.serialization import load_quantized, save_quantized
+    from gwq_compile.tensor import GWQTensor

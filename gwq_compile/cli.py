@@ -23,56 +23,76 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+# Only the standard library and gwq_compile.options here: `gwq --help` must not import
+# torch (seconds); each command imports what it needs when it runs.
+from gwq_compile.options import CLIP_SEARCH_NAMES, COMPENSATION_CHOICES, DATASETS, DTYPE_NAMES, LOADERS, SALIENCY_CHOICES, SCOPE_CHOICES
 
-from gwq_compile import eval as gwq_eval
-from gwq_compile.config import SALIENCY_CHOICES, SCOPE_CHOICES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Errors that mean "bad input", reported in one line.  Anything else is a bug: traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 # ----------------------------------------------------------------------------- model loading
 
 
+def gwq_quantization_config(path: str | os.PathLike) -> dict | None:
+    """The ``quantization_config`` of a GWQ folder (``quant_method: "gwq"``), else None."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        qc = json.loads(config_file.read_text()).get("quantization_config")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "gwq" else None
+
+
 def is_gwq_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a folder written by ``gwq quantize`` / ``save_quantized`` (it has ``gwq_config.json``)."""
-    from gwq_compile.serialization import MANIFEST_FILE
+    """True for a folder written by ``gwq quantize`` / ``save_quantized`` / GWQ ``save_pretrained``."""
+    from gwq_compile.serialization import LEGACY_MANIFEST_FILE
 
-    return Path(path).is_dir() and (Path(path) / MANIFEST_FILE).is_file()
+    path = Path(path)
+    return path.is_dir() and (gwq_quantization_config(path) is not None or (path / LEGACY_MANIFEST_FILE).is_file())
 
 
-def load_gwq_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a ``gwq quantize`` folder (HF config + tokenizer + GWQ weights).
+def load_gwq_checkpoint(path: str | os.PathLike, dtype_name: str = "float32"):
+    """``(model, tokenizer)`` from a GWQ folder, through ``from_pretrained``.
 
     Example:
         >>> model, tok = load_gwq_checkpoint("out/smollm2-w3")   # doctest: +SKIP
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from gwq_compile.serialization import load_quantized
+    import gwq_compile  # noqa: F401  (registers GWQ with transformers)
+    from gwq_compile.serialization import LEGACY_MANIFEST_FILE, read_checkpoint
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"GWQ checkpoint {str(path)!r} has no config.json: it was not written by `gwq quantize`, rebuild the model and use load_quantized")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model = load_quantized(skeleton, path, device="cpu")
+    if (path / LEGACY_MANIFEST_FILE).is_file():
+        read_checkpoint(path)  # raises the format-1 error
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"GWQ checkpoint {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+            "save it with save_quantized(model, dir, tokenizer=tokenizer) or gwq quantize"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype_name), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
 
 
-def load_model(model: str | None, dtype: torch.dtype, progress: bool = True):
+def load_model(model: str | None, dtype_name: str, progress: bool = True):
     """A GWQ checkpoint folder, a HF folder, a GGUF file, or the default SmolLM2-135M."""
     from gwq_compile.models import load_causal_lm
 
@@ -82,14 +102,25 @@ def load_model(model: str | None, dtype: torch.dtype, progress: bool = True):
         hf_logging.disable_progress_bar()  # transformers' own loading bars
 
     if model is not None and is_gwq_checkpoint(Path(model).expanduser()):
-        return load_gwq_checkpoint(Path(model).expanduser(), dtype)
-    return load_causal_lm(model, dtype)
+        return load_gwq_checkpoint(Path(model).expanduser(), dtype_name)
+    return load_causal_lm(model, torch_dtype(dtype_name))
+
+
+def check_seqlen(option: str, seqlen: int, model: str | None) -> None:
+    """Fail before loading when ``seqlen`` exceeds the model's context (read from its metadata)."""
+    from gwq_compile.models import context_length_of
+
+    limit = context_length_of(model)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"{option} {seqlen} is longer than the model's context ({limit} tokens)")
 
 
 # ----------------------------------------------------------------------------- gwq eval
 
 
 def _machine() -> dict:
+    import torch
+
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -117,11 +148,14 @@ def _check_output_path(path: str | None) -> Path | None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from gwq_compile import eval as gwq_eval
+
     output = _check_output_path(args.output)
     # Cheap checks first: the text and the settings, then the (slow) model.
     text = gwq_eval.load_eval_text(args.dataset, args.data_file, args.loader)
     gwq_eval.check_window(None, sys.maxsize, args.seqlen, args.max_windows)
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], progress=not args.no_progress)
+    check_seqlen("--seqlen", args.seqlen, args.model)
+    model, tokenizer = load_model(args.model, args.dtype, progress=not args.no_progress)
     limit = gwq_eval.context_length(model)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({limit} tokens)")
@@ -159,10 +193,17 @@ def _prepare_out_dir(out: str) -> Path:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    import gwq_compile
-    from gwq_compile.data import calibration_tokens
-
+    # Everything that can be checked without the model is checked before loading it.
     out = _prepare_out_dir(args.out)
+    if args.model is not None and is_gwq_checkpoint(Path(args.model).expanduser()):
+        qc = gwq_quantization_config(Path(args.model).expanduser()) or {}
+        raise ValueError(
+            f"{args.model!r} is already a GWQ checkpoint ({qc.get('bits', '?')} bits); GWQ does not re-quantize: "
+            "give the original (unquantized) model"
+        )
+    import gwq_compile
+    from gwq_compile import data
+
     config = gwq_compile.GWQConfig(
         bits=args.bits,
         group_size=args.group_size,
@@ -175,29 +216,14 @@ def run_quantize(args: argparse.Namespace) -> int:
         damp=args.damp,
         progress=not args.no_progress,
     )
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], progress=not args.no_progress)
-    limit = gwq_eval.context_length(model)
-    if limit is not None and args.calib_seqlen > limit:
-        raise ValueError(f"--calib-seqlen {args.calib_seqlen} is longer than the model's context ({limit} tokens)")
-    calib = calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
+    data.load_text(args.calib_data, "calibration")  # a missing file or data folder fails here
+    check_seqlen("--calib-seqlen", args.calib_seqlen, args.model)
+    model, tokenizer = load_model(args.model, args.dtype, progress=not args.no_progress)
+    calib = data.calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
     gwq_compile.quantize_(model, config, calibration_data=calib)
     report = gwq_compile.quantization_report(model)
-    # Build the whole checkpoint in a temporary sibling folder, then rename it into place.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        gwq_compile.save_quantized(model, tmp)
-        config_copy = model.config.__class__.from_dict(model.config.to_dict())
-        # GGUF-loaded configs carry a "quantization_config" for the GGUF loader: not ours to keep.
-        if hasattr(config_copy, "quantization_config"):
-            del config_copy.quantization_config
-        config_copy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty (checked above); os.replace onto a folder needs it gone
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # save_quantized builds the folder beside `out` and moves it into place in one step.
+    gwq_compile.save_quantized(model, out, tokenizer=tokenizer)
     print(
         f"quantized {report['quantized_layers']} layers ({report['quantized_weights']} weights) to "
         f"{report['bits_per_weight']:.4f} bits/weight, {report['outliers']} fp16 outliers -> {out}"
@@ -222,12 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity on WikiText-2 test (default) or C4 validation")
     ev.add_argument("--model", default=None, help="HF model folder, .gguf file, `gwq quantize` output folder, or 'smollm2' (default)")
-    ev.add_argument("--dataset", choices=gwq_eval.DATASETS, default="wikitext2")
+    ev.add_argument("--dataset", choices=DATASETS, default="wikitext2")
     ev.add_argument("--data-file", default=None, help="local text (wikitext2/text) or JSON-lines (c4) file; default: the shared WikiText-2 test")
-    ev.add_argument("--loader", choices=gwq_eval.LOADERS, default="plain", help="read files directly, or through the `datasets` library")
+    ev.add_argument("--loader", choices=LOADERS, default="plain", help="read files directly, or through the `datasets` library")
     ev.add_argument("--seqlen", type=_positive_int, default=2048)
     ev.add_argument("--max-windows", type=_positive_int, default=None)
-    ev.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ev.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     ev.add_argument("--output", default=None, help="write the result as JSON here (atomically)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=run_eval)
@@ -240,15 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--outlier-ratio", type=float, default=0.005, help="default: GWQConfig's (0.005)")
     qz.add_argument("--saliency", default=None, choices=list(SALIENCY_CHOICES), help="how weights are scored (default: GWQConfig's)")
     qz.add_argument("--outlier-scope", default=None, choices=list(SCOPE_CHOICES), help="where the top outlier_ratio is taken (default: GWQConfig's)")
-    qz.add_argument("--compensation", default="none", choices=["none", "gptq", "gptq_act"], help="error compensation of the non-outliers")
-    qz.add_argument("--clip-search", default=None, choices=["none", "mse", "act_mse"], help="how each group's range is chosen (default: GWQConfig's)")
+    qz.add_argument("--compensation", default="none", choices=list(COMPENSATION_CHOICES), help="error compensation of the non-outliers")
+    qz.add_argument("--clip-search", default=None, choices=list(CLIP_SEARCH_NAMES), help="how each group's range is chosen (default: GWQConfig's)")
     qz.add_argument("--symmetric", action="store_true")
     qz.add_argument("--damp", type=float, default=0.01)
     qz.add_argument("--calib-data", default="wikitext2", help="'wikitext2' (validation split), 'default', or a text file")
     qz.add_argument("--calib-samples", type=_positive_int, default=1)
     qz.add_argument("--calib-seqlen", type=_positive_int, default=2048)
     qz.add_argument("--seed", type=int, default=0)
-    qz.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    qz.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     qz.add_argument("--no-progress", action="store_true")
     qz.set_defaults(func=run_quantize)
     return parser

@@ -10,23 +10,21 @@ Example:
     >>> GWQConfig(bits=5)
     Traceback (most recent call last):
     ...
-    ValueError: GWQConfig.bits must be one of (2, 3, 4, 8), got 5
+    ValueError: GWQConfig.bits must be an int, one of (2, 3, 4, 8), got 5
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torchao.core.config import AOBaseConfig
 
+from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CHOICES, STEP_CHOICES
 from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
 
-SALIENCY_CHOICES = ("grad", "fisher", "grad_weight", "grad_error", "hessian")
-SCOPE_CHOICES = ("layer", "row", "model")
-COMPENSATION_CHOICES = ("none", "gptq", "gptq_act")
-STEP_CHOICES = (None, "prepare", "convert")
 MAX_OUTLIER_RATIO = 0.5
 
 
@@ -106,10 +104,13 @@ class GWQConfig(AOBaseConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"GWQConfig.bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
+        # Integers only (numpy ints too): 4.0 would pass `in SUPPORTED_BITS` and then fail in a bit shift.
+        if isinstance(self.bits, bool) or not isinstance(self.bits, numbers.Integral) or self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"GWQConfig.bits must be an int, one of {SUPPORTED_BITS}, got {self.bits!r}")
+        self.bits = int(self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, numbers.Integral) or (self.group_size <= 0 and self.group_size != -1):
             raise ValueError(f"GWQConfig.group_size must be a positive int or -1 (per output channel), got {self.group_size!r}")
+        self.group_size = int(self.group_size)
         if isinstance(self.outlier_ratio, bool) or not isinstance(self.outlier_ratio, (int, float)) or not 0.0 <= self.outlier_ratio <= MAX_OUTLIER_RATIO:
             raise ValueError(f"GWQConfig.outlier_ratio must be in [0, {MAX_OUTLIER_RATIO}], got {self.outlier_ratio!r}")
         self._check_choice("saliency", SALIENCY_CHOICES)
@@ -118,9 +119,9 @@ class GWQConfig(AOBaseConfig):
         self._check_choice("step", STEP_CHOICES)
         if not isinstance(self.clip_search, (bool, str)) or (isinstance(self.clip_search, str) and self.clip_search not in CLIP_SEARCH_MODES):
             raise ValueError(f"GWQConfig.clip_search must be True, False or one of {CLIP_SEARCH_MODES}, got {self.clip_search!r}")
-        if self.head_bits is not None and (isinstance(self.head_bits, bool) or not isinstance(self.head_bits, int) or self.head_bits not in SUPPORTED_BITS):
+        if self.head_bits is not None and (isinstance(self.head_bits, bool) or not isinstance(self.head_bits, numbers.Integral) or self.head_bits not in SUPPORTED_BITS):
             raise ValueError(f"GWQConfig.head_bits must be None or one of {SUPPORTED_BITS}, got {self.head_bits!r}")
-        if isinstance(self.head_group_size, bool) or not isinstance(self.head_group_size, int) or (self.head_group_size <= 0 and self.head_group_size != -1):
+        if isinstance(self.head_group_size, bool) or not isinstance(self.head_group_size, numbers.Integral) or (self.head_group_size <= 0 and self.head_group_size != -1):
             raise ValueError(f"GWQConfig.head_group_size must be a positive int or -1 (per output channel), got {self.head_group_size!r}")
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gwq_compile import data
+from gwq_compile.options import DATASETS, LOADERS
 
-DATASETS = ("wikitext2", "c4", "text")
-LOADERS = ("plain", "datasets")
 C4_DOCUMENTS = 1100  # GPTQ's C4 validation protocol: ' '.join(first 1100 documents)
 
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -67,3 +68,34 @@ def load_causal_lm(model: str | None = None, dtype: torch.dtype = torch.float32,
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ValueError(f"could not load a causal LM from {str(path)!r}: {err}") from err
     return lm.to(device).eval(), tokenizer
+
+
+def context_length_of(model: str | None) -> int | None:
+    """The context length of a model path, read from its metadata only (no weights), or None.
+
+    A HF (or GWQ) folder: ``config.json``'s ``max_position_embeddings``; a GGUF file: its
+    ``<architecture>.context_length`` key.  Lets the CLI reject a window that is too long
+    before spending half a minute loading the model.
+    """
+    path = resolve_model_path(model)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            return None
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+        text_config = config.get("text_config") or {}
+        return config.get("max_position_embeddings") or text_config.get("max_position_embeddings")
+    if path.suffix != ".gguf":
+        return None
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+        field = reader.fields.get(f"{arch}.context_length")
+    except (KeyError, ValueError, OSError) as err:
+        raise ValueError(f"could not read the GGUF metadata of {str(path)!r}: {err}") from err
+    return None if field is None else int(field.contents())

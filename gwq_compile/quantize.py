@@ -27,7 +27,7 @@ import torch
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
-from gwq_compile import calibration, packing
+from gwq_compile import calibration, calibration_inputs, hf_registration, packing
 from gwq_compile.config import GWQConfig
 from gwq_compile.tensor import GWQTensor
 
@@ -375,10 +375,20 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
         return
     targets = target_linears(model, config)
     if not targets:
+        already = sum(isinstance(p, GWQTensor) for p in model.parameters())
+        if already:
+            raise ValueError(f"the model is already GWQ-quantized ({already} layers); GWQ does not re-quantize: start from the unquantized model")
         warnings.warn("GWQ found no nn.Linear layers to quantize; the model is unchanged", stacklevel=2)
         return
+    on_meta = [name for name, mod in targets if mod.weight.device.type == "meta"]
+    if on_meta:
+        raise ValueError(
+            f"layer {on_meta[0]!r} is on the meta device (no data): load the weights first "
+            "(from_pretrained, or load_state_dict(state, assign=True) into a meta skeleton)"
+        )
     if config.step is None and calibration_data is None:
         raise ValueError("one-shot GWQ needs calibration_data (token ids); or use step='prepare' then step='convert'")
+    calibration_data = calibration_inputs.token_batches(calibration_data, calibration_inputs.vocab_size(model))
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         for name, mod in targets:
@@ -418,6 +428,7 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
         mod.__dict__.pop(NAME_ATTR, None)
         mod.__dict__.pop(HEAD_ATTR, None)
     model._gwq_config = config.replace(step=None)
+    hf_registration.mark_transformers_model(model)  # so that save_pretrained writes the GWQ layout
 
 
 def _convert_model(model: torch.nn.Module, config: GWQConfig) -> None:

@@ -1,35 +1,48 @@
-"""Saving and loading GWQ models as safetensors plus a small JSON manifest.
+"""GWQ checkpoints: one folder layout for ``save_quantized``, ``gwq quantize`` and HF ``save_pretrained``.
 
-A checkpoint is a directory with
+A checkpoint is a folder with
 
-* ``model.safetensors``: every parameter and buffer (non-persistent ones too, so a
-  ``meta``-device skeleton comes back complete), each stored once even when tied; a
-  quantized weight ``x.weight`` becomes the plain tensors ``x.weight.<field>`` of its
-  stored format (:data:`STORED_FIELDS`, whatever runtime layout it had in memory; loading
-  derives the runtime layout of the target device again);
-* ``gwq_config.json``: format name and version, the GWQ config, per-layer attributes
-  (bits, group size, shape, dtype), the tied-tensor aliases, and the safetensors file's
-  size and sha256 so a truncated or altered file is caught before it is parsed.
+* ``model.safetensors`` (or HF's ``model-0000k-of-0000n.safetensors`` shards and their
+  ``model.safetensors.index.json``): every parameter and buffer, each stored once even when
+  tied.  A quantized weight ``x.weight`` is stored as its packed codes, flattened to 1-D
+  uint8, under ``x.weight`` itself (a loader that does not know GWQ fails on the shape
+  instead of loading garbage) and the other fields of its stored format
+  (:data:`STORED_FIELDS`, :mod:`gwq_compile.packing`) under ``x.weight_gwq_compile_<field>``,
+  whatever runtime layout the weight had in memory (loading derives the runtime layout of
+  the target device again, see :class:`~gwq_compile.tensor.GWQTensor`).  The header metadata holds the format version, the GWQ
+  config, per-layer attributes (bits, group size, shape, dtype), tied aliases and the sha256
+  of every tensor, so a truncated or altered file is caught before it is used;
+* for transformers models: ``config.json`` with ``quantization_config`` (``quant_method:
+  "gwq"``, the GWQ config, the format version), ``generation_config.json``, and the
+  tokenizer files when a tokenizer is given.
 
-Both files are written to temporary names and renamed into place (the manifest last),
-so an interrupted save never leaves a half-written checkpoint that looks valid.
+``save_quantized`` is crash-safe: it builds the new folder beside the old one and swaps
+the two with one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``), so a process killed
+at any moment leaves the old or the new checkpoint, never neither; files of the old folder
+that are not part of a checkpoint (a README, adapters, ...) are kept.  Stale temporary
+folders of an interrupted save are removed by the next save.
 
 Example:
-    >>> save_quantized(model, "out/smollm2-gwq")            # doctest: +SKIP
-    >>> load_quantized(skeleton, "out/smollm2-gwq")         # doctest: +SKIP
+    >>> save_quantized(model, "out/smollm2-gwq", tokenizer=tokenizer)   # doctest: +SKIP
+    >>> load_quantized(skeleton, "out/smollm2-gwq")                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from gwq_compile import packing
 from gwq_compile.tensor import GWQTensor
@@ -37,9 +50,24 @@ from gwq_compile.tensor import GWQTensor
 #: The tensors a quantized weight is saved as (the stored format of :mod:`gwq_compile.packing`).
 STORED_FIELDS = packing.PackedWeight._fields[:6]
 FORMAT_NAME = "gwq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "gwq_config.json"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+LEGACY_MANIFEST_FILE = "gwq_config.json"  # format version 1 (a separate manifest)
+FIELD_SEPARATOR = "_gwq_compile_"  # x.weight_gwq_compile_group_scales: a loader without gwq_compile reports these by name
+#: The tensors a quantized weight is saved as: its stored format (``PackedWeight``'s first six).
+STORED_FIELDS = packing.PackedWeight._fields[:6]
+CODES_FIELD = "packed_codes"  # stored under the weight's own name
+# Header metadata keys (safetensors metadata is a str -> str map).
+META_VERSION, META_CONFIG, META_LAYERS, META_ALIASES, META_SHA256 = (
+    "gwq_format_version", "gwq_config", "gwq_layers", "gwq_aliases", "gwq_tensor_sha256",
+)  # fmt: skip
+# Temporary sibling folders of a save in progress: ".<name>.gwq-tmp-XXXX" (the new folder
+# being built) and ".<name>.gwq-old-XXXX" (the old one, only where no atomic exchange exists).
+TEMP_MARK, BACKUP_MARK = ".gwq-tmp-", ".gwq-old-"
+
+
+# ----------------------------------------------------------------------------- tensors <-> file
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -53,98 +81,316 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
-def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+def named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, str]]:
     """(name, tensor, kind) for every parameter and buffer, tied aliases included."""
     out = [(n, p, "param") for n, p in model.named_parameters(remove_duplicate=False)]
     out += [(n, b, "buffer") for n, b in model.named_buffers(remove_duplicate=False)]
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def field_key(name: str, field: str) -> str:
+    return name if field == CODES_FIELD else f"{name}{FIELD_SEPARATOR}{field}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def tensor_sha256(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
-def save_quantized(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model`` (quantized or partly quantized) to the directory ``path``; returns it."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model as plain tensors and the header metadata that describes them (see module doc).
+
+    Raises ``ValueError`` naming the tensor when one is on the meta device (it has no data).
+    """
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     canonical: dict[int, str] = {}
-    for name, t, _kind in _named_tensors(model):
+    for name, t, _kind in named_tensors(model):
         if id(t) in canonical:
             aliases[name] = canonical[id(t)]
             continue
         canonical[id(t)] = name
+        if t.device.type == "meta":
+            raise ValueError(f"cannot save {name!r}: it is on the meta device (no data); load or quantize the model first")
         if isinstance(t, GWQTensor):
-            for field, value in zip(STORED_FIELDS, t.packed()):
-                tensors[f"{name}.{field}"] = value.detach().cpu().contiguous()
-            layers[name] = {"bits": t.bits, "group_size": t.group_size, "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            stored = t.packed()  # the stored format, whatever the runtime layout
+            for field, value in zip(STORED_FIELDS, stored):
+                value = value.detach().cpu().contiguous()
+                tensors[field_key(name, field)] = value.reshape(-1) if field == CODES_FIELD else value
+            layers[name] = {
+                "bits": t.bits, "group_size": t.group_size, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                "codes_shape": list(stored.packed_codes.shape),
+            }  # fmt: skip
         else:
-            if t.device.type == "meta":
-                raise ValueError(f"cannot save {name!r}: it is on the meta device (no data)")
             tensors[name] = t.detach().cpu().contiguous()
-    weights_path = out / WEIGHTS_FILE
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT_NAME}))
     config = getattr(model, "_gwq_config", None)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "config": config.to_dict() if config is not None else None,
-        "quantized_layers": layers,
-        "aliases": aliases,
-        "weights_file": WEIGHTS_FILE,
-        "weights_bytes": weights_path.stat().st_size,
-        "weights_sha256": _sha256(weights_path),
+    metadata = {
+        "format": "pt",  # what transformers writes; GWQ's own version is below
+        META_VERSION: str(FORMAT_VERSION),
+        META_CONFIG: json.dumps(config.to_dict() if config is not None else None),
+        META_LAYERS: json.dumps(layers),
+        META_ALIASES: json.dumps(aliases),
+        META_SHA256: json.dumps({k: tensor_sha256(v) for k, v in tensors.items()}),
     }
-    _atomic_write(out / MANIFEST_FILE, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    return tensors, metadata
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why and what to do."""
+
+
+def interrupted_save_hint(path: Path) -> str:
+    """``" (...)"`` naming the leftovers of an interrupted save in or beside ``path``, else ``""``."""
+    leftovers = []
+    if path.parent.is_dir():
+        leftovers += sorted(p.name for p in path.parent.iterdir() if p.name.startswith((f".{path.name}{TEMP_MARK}", f".{path.name}{BACKUP_MARK}")))
+    if path.is_dir():  # temporary files that format 1 wrote inside the folder
+        leftovers += sorted(p.name for p in path.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    if not leftovers:
+        return ""
+    backups = [path.parent / n / "old" for n in leftovers if n.startswith(f".{path.name}{BACKUP_MARK}")]
+    if not path.exists() and backups and backups[0].is_dir():  # only where renameat2 is missing
+        return f" (a save into it was interrupted; the previous checkpoint is in {str(backups[0])!r}, and the next save puts it back)"
+    return f" (a save into it was interrupted: {', '.join(leftovers[:3])}{'...' if len(leftovers) > 3 else ''} left behind; save again)"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors file(s) of the checkpoint folder ``path`` (one file or HF shards)."""
+    if not path.is_dir():
+        hint = interrupted_save_hint(path)
+        raise FileNotFoundError(f"no GWQ checkpoint at {str(path)!r}: the folder does not exist{hint}")
+    single, index = path / WEIGHTS_FILE, path / WEIGHTS_INDEX_FILE
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / LEGACY_MANIFEST_FILE).is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is a GWQ checkpoint of format version 1 ({LEGACY_MANIFEST_FILE}); this gwq-compile reads "
+            f"version {FORMAT_VERSION}: quantize the model again (gwq quantize) to write it"
+        )
+    raise FileNotFoundError(f"no GWQ checkpoint at {str(path)!r}: it has no {WEIGHTS_FILE}{interrupted_save_hint(path)}")
+
+
+def read_header(file: Path) -> dict[str, Any]:
+    """The GWQ part of ``file``'s header: version-checked, JSON decoded."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file} is truncated or corrupted ({err}){interrupted_save_hint(file.parent)}") from err
+    if META_VERSION not in metadata:
+        raise CheckpointError(f"{file} is not a GWQ checkpoint: its header has no {META_VERSION!r} entry")
+    if metadata[META_VERSION] != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{file} has GWQ format version {metadata[META_VERSION]}; this gwq-compile reads version {FORMAT_VERSION}"
+        )
+    header = {}
+    for key in (META_CONFIG, META_LAYERS, META_ALIASES, META_SHA256):
+        if key not in metadata:
+            raise CheckpointError(f"{file} has no {key!r} entry in its header: it was altered or not written by gwq-compile")
+        try:
+            header[key] = json.loads(metadata[key])
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{file}: header entry {key!r} is corrupted ({err})") from err
+    return header
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every stored tensor of the folder ``path``, checked against its sha256, and the header."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    header: dict[str, Any] = {}
+    for file in weight_files(path):
+        if not file.is_file():
+            raise CheckpointError(f"GWQ checkpoint {str(path)!r} is missing {file.name}{interrupted_save_hint(path)}")
+        header = read_header(file)
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+                for key in keys:
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is truncated or corrupted ({err}){interrupted_save_hint(path)}") from err
+        for key in keys:
+            expected = header[META_SHA256].get(key)
+            if expected is None:
+                raise CheckpointError(f"{file}: tensor {key!r} has no sha256 in the header: the file was altered")
+            if tensor_sha256(tensors[key]) != expected:
+                raise CheckpointError(f"{file} is corrupted: tensor {key!r} does not match its sha256{interrupted_save_hint(path)}")
+    missing = sorted(set(header[META_SHA256]) - set(tensors))
+    if missing:
+        raise CheckpointError(f"GWQ checkpoint {str(path)!r} lacks tensors its header lists: {missing[:5]}")
+    return tensors, header
+
+
+def gwq_tensor_from_fields(fields: dict[str, torch.Tensor], layer: dict, dtype: torch.dtype) -> GWQTensor:
+    """Rebuild one :class:`GWQTensor` from its stored fields (codes flattened) and header entry,
+    in the runtime layout of the fields' device."""
+    codes = fields[CODES_FIELD].reshape(layer["codes_shape"])
+    values = [codes if f == CODES_FIELD else fields[f] for f in STORED_FIELDS]
+    packed = packing.PackedWeight(*values, layer["bits"], layer["group_size"], layer["shape"][1])
+    return GWQTensor.from_packed(packed, dtype)
+
+
+# ----------------------------------------------------------------------------- crash-safe folders
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the folders ``a`` and ``b``; False where the OS or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Files that describe the saved model itself: the old folder's copies never survive a new
+# save (a config.json of the old model beside new weights would describe the wrong model).
+_MODEL_FILES = ("config.json", "generation_config.json", LEGACY_MANIFEST_FILE)
+
+
+def _is_checkpoint_artifact(name: str) -> bool:
+    """Files a new save replaces wholesale, so the old folder's copies are not carried over."""
+    return (
+        name.endswith((".safetensors", ".safetensors.index.json"))
+        or name.startswith("pytorch_model")
+        or name in _MODEL_FILES
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link into ``new`` what ``old`` holds besides a checkpoint (README, adapters, ...)."""
+    for entry in old.iterdir():
+        target = new / entry.name
+        if target.exists() or target.is_symlink() or _is_checkpoint_artifact(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=os.link)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        else:
+            os.link(entry, target)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete what an interrupted save of ``out`` left beside it; put a lone backup back first."""
+    siblings = [p for p in out.parent.iterdir() if p.name.startswith((f".{out.name}{TEMP_MARK}", f".{out.name}{BACKUP_MARK}"))]
+    backups = [p for p in siblings if p.name.startswith(f".{out.name}{BACKUP_MARK}")]
+    if not out.exists() and backups and (backups[0] / "old").is_dir():  # killed between the fallback's two renames
+        os.rename(backups[0] / "old", out)
+    for p in siblings:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():  # format 1's temporary files
+                p.unlink()
+
+
+def write_folder_atomically(out: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """Build a folder with ``build(tmp)`` and put it at ``out`` in one atomic step.
+
+    A process killed at any moment leaves ``out`` as it was or as built, never neither.
+    The new folder and files get normal permissions (``0o777``/``0o666`` less the umask, or
+    the old folder's mode); everything in an old ``out`` that ``build`` did not write and that
+    is not a weights file is kept.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{str(out)!r} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}", dir=out.parent))
+    try:
+        build(tmp)
+        written = [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+        if out.is_dir():
+            _carry_over(out, tmp)
+        mask = _umask()
+        for p in written:
+            os.chmod(p, 0o666 & ~mask)
+            _fsync(p)
+        os.chmod(tmp, (out.stat().st_mode & 0o7777) if out.is_dir() else 0o777 & ~mask)
+        _fsync(tmp)
+        if not out.exists():
+            os.rename(tmp, out)
+        elif _exchange(tmp, out):
+            shutil.rmtree(tmp)  # now the old folder
+        else:  # no atomic exchange here: old aside, new in; a kill in between is repaired by the next save
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}{BACKUP_MARK}", dir=out.parent))
+            os.rename(out, backup / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(backup)
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    manifest_path = Path(path) / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no GWQ checkpoint at {str(path)!r} (missing {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_path} is corrupted: {err}") from err
-    if manifest.get("format") != FORMAT_NAME:
-        raise ValueError(f"{manifest_path} is not a GWQ checkpoint (format={manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest_path} has unknown GWQ format version {manifest.get('format_version')!r}; this gwq-compile reads version {FORMAT_VERSION}")
-    return manifest
+# ----------------------------------------------------------------------------- public API
 
 
-def _read_weights(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    weights_path = path / manifest["weights_file"]
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"GWQ checkpoint {str(path)!r} is missing {manifest['weights_file']}")
-    size = weights_path.stat().st_size
-    if size != manifest["weights_bytes"]:
-        raise ValueError(f"{weights_path} is truncated or corrupted: {size} bytes, the manifest records {manifest['weights_bytes']}")
-    if _sha256(weights_path) != manifest["weights_sha256"]:
-        raise ValueError(f"{weights_path} is corrupted: its sha256 does not match the manifest")
-    try:
-        return load_file(weights_path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_path} is corrupted: {err}") from err
+def _is_transformers_model(model: torch.nn.Module) -> bool:
+    modeling_utils = sys.modules.get("transformers.modeling_utils")  # not imported: it cannot be one
+    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+
+
+def save_quantized(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` (quantized or partly quantized) to the folder ``path``, crash-safely; returns it.
+
+    A transformers model is written by its own ``save_pretrained`` (config.json with the
+    GWQ ``quantization_config``, generation config, weights) into the new folder, plus
+    ``tokenizer`` when given; any other module gets ``model.safetensors`` alone.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(tokenizer).__name__}")
+    on_meta = [n for n, t, _ in named_tensors(model) if t.device.type == "meta"]
+    if on_meta:  # before anything is written
+        raise ValueError(f"cannot save {on_meta[0]!r}: it is on the meta device (no data); load or quantize the model first")
+
+    def build(tmp: Path) -> None:
+        if _is_transformers_model(model):
+            from gwq_compile.hf_quantizer import attach_quantizer
+
+            attach_quantizer(model)
+            model.save_pretrained(tmp)  # calls flatten_model through the GWQ quantizer
+        else:
+            tensors, metadata = flatten_model(model)
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_folder_atomically(path, build)
 
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -153,19 +399,20 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 
 def load_quantized(model: torch.nn.Module, path: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Fill the unquantized skeleton ``model`` (may live on ``meta``) from a GWQ checkpoint.
+    """Fill the unquantized skeleton ``model`` (may live on ``meta``) from a GWQ checkpoint folder.
 
-    Quantized layers get their :class:`GWQTensor` weights; everything else is assigned
-    as saved (bit-exact).  Raises ``ValueError`` naming the tensors when the model and
-    the checkpoint do not match.
+    Quantized layers get :class:`GWQTensor` weights; everything else is assigned as saved.
+    Each tensor takes the skeleton's dtype (a bf16 skeleton gives a bf16 model: quantized
+    layers then dequantize to bf16); with the saved dtypes the result is bit-exact.  Raises
+    ``ValueError`` naming the tensors when the model and the checkpoint do not match.
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    saved = _read_weights(path, manifest)
-    layers, aliases = manifest["quantized_layers"], manifest["aliases"]
-    named = _named_tensors(model)
+    path = Path(path).expanduser()
+    saved, header = read_checkpoint(path)
+    layers, aliases = header[META_LAYERS], header[META_ALIASES]
+    named = named_tensors(model)
     model_names = {n for n, _, _ in named}
-    ckpt_names = set(aliases) | set(layers) | {k for k in saved if not any(k.startswith(f"{q}.") for q in layers)}
+    field_keys = {field_key(q, f) for q in layers for f in STORED_FIELDS}
+    ckpt_names = set(aliases) | set(layers) | (set(saved) - field_keys)
     missing, unexpected = sorted(model_names - ckpt_names), sorted(ckpt_names - model_names)
     if missing or unexpected:
         raise ValueError(
@@ -176,36 +423,40 @@ def load_quantized(model: torch.nn.Module, path: str | os.PathLike, device: str 
     current = {n: t for n, t, _ in named}
     loaded: dict[str, torch.Tensor] = {}
     for name in sorted(model_names - set(aliases)):
+        target = current[name]
         if name in layers:
-            meta = layers[name]
-            shape = torch.Size(meta["shape"])
-            if tuple(current[name].shape) != tuple(shape):
-                raise ValueError(f"layer {name!r}: checkpoint shape {tuple(shape)} does not match the model's {tuple(current[name].shape)}")
-            fields = [saved[f"{name}.{f}"] for f in STORED_FIELDS]
-            if device is not None:
-                fields = [f.to(device) for f in fields]
-            packed = packing.PackedWeight(*fields, meta["bits"], meta["group_size"], shape[1])
-            value = GWQTensor.from_packed(packed, _dtype_from_name(meta["dtype"]))  # the runtime layout of its device
+            shape = torch.Size(layers[name]["shape"])
+            if tuple(target.shape) != tuple(shape):
+                raise ValueError(f"layer {name!r}: checkpoint shape {tuple(shape)} does not match the model's {tuple(target.shape)}")
+            fields = {f: saved[field_key(name, f)] for f in STORED_FIELDS}
+            dtype = target.dtype if target.is_floating_point() else _dtype_from_name(layers[name]["dtype"])
+            value = gwq_tensor_from_fields(fields, layers[name], dtype)
         else:
             value = saved[name]
-            if value.shape != current[name].shape:
-                raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(value.shape)} does not match the model's {tuple(current[name].shape)}")
-            if device is not None:
-                value = value.to(device)
+            if value.shape != target.shape:
+                raise ValueError(f"tensor {name!r}: checkpoint shape {tuple(value.shape)} does not match the model's {tuple(target.shape)}")
+            if value.is_floating_point() and target.is_floating_point() and value.dtype != target.dtype:
+                value = value.to(target.dtype)
+        if device is not None:
+            value = value.to(device)
         if kinds[name] == "param":
-            requires_grad = current[name].requires_grad and not isinstance(value, GWQTensor)
+            requires_grad = target.requires_grad and not isinstance(value, GWQTensor)
             value = torch.nn.Parameter(value, requires_grad=requires_grad)
         loaded[name] = value
-    for alias, target in aliases.items():
-        loaded[alias] = loaded[target]
+    for alias, target_name in aliases.items():
+        loaded[alias] = loaded[target_name]
     for name, value in loaded.items():
         owner, leaf = _owner(model, name)
         if kinds[name] == "param":
             owner._parameters[leaf] = value
         else:
             owner._buffers[leaf] = value
-    if manifest.get("config"):
+    if header[META_CONFIG]:
         from gwq_compile.config import GWQConfig
 
-        model._gwq_config = GWQConfig.from_dict(manifest["config"])
+        model._gwq_config = GWQConfig.from_dict(header[META_CONFIG])
+    if _is_transformers_model(model):
+        from gwq_compile.hf_quantizer import attach_quantizer
+
+        attach_quantizer(model)
     return model

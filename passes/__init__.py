@@ -10,7 +10,7 @@
 4. :mod:`~gwq_compile.passes.rewrite`: each annotated linear becomes
    ``torch.ops.gwq.linear`` on packed weights held as GraphModule buffers.
 
-:mod:`gwq_compile.backend` chains them and hands the graph to Inductor.  Each stage counts
+:mod:`gwq_compile.compile_backend` chains them and hands the graph to Inductor.  Each stage counts
 what it did in ``torch._dynamo.utils.counters["gwq"]``.
 
 Example:

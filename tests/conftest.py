@@ -18,6 +18,18 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, tie: bool = Tr
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 ids (no merges), built offline."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

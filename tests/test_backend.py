@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from gwq_compile import GWQConfig, GWQTensor, quantization_report, quantize_
-from gwq_compile.backend import CalibrationData, backend, parse_options, valid_options
+from gwq_compile.compile_backend import CalibrationData, backend, parse_options, valid_options
 from gwq_compile.eval import logits_of, next_token_nll
 from gwq_compile.passes import (
     annotate_linears,
@@ -120,7 +120,7 @@ def unique_graphs() -> int:
 
 def test_entry_point_is_declared_and_listed() -> None:
     eps = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
-    assert eps.get("gwq") == "gwq_compile.backend:gwq_backend"
+    assert eps.get("gwq") == "gwq_compile.compile_backend:gwq_backend"
     assert "gwq" in torch._dynamo.list_backends()
 
 
@@ -398,7 +398,7 @@ def test_first_call_calibration_of_a_non_lm_uses_output_energy() -> None:
     "options, message",
     [
         ({"bitz": 4}, r"unknown gwq backend option\(s\) \['bitz'\]; valid options: bits, group_size, .*calibration_data"),
-        ({"bits": 5}, r"GWQConfig.bits must be one of \(2, 3, 4, 8\), got 5"),
+        ({"bits": 5}, r"GWQConfig.bits must be an int, one of \(2, 3, 4, 8\), got 5"),
         ({"outlier_ratio": 0.9}, r"GWQConfig.outlier_ratio must be in \[0, 0.5\]"),
         ({"saliency": "magic"}, r"GWQConfig.saliency must be one of"),
         ({"step": "prepare"}, r"option step must be None"),

@@ -15,6 +15,7 @@ import torch
 
 from gwq_compile import eval as gwq_eval
 from gwq_compile.cli import main
+from tests.conftest import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -34,22 +35,11 @@ def _tiny_llama(context: int = 64) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _byte_tokenizer():
-    """A byte-level tokenizer with exactly 256 ids (no merges), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
     _tiny_llama().save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     return path
 
 
@@ -174,7 +164,7 @@ def test_cli_eval_on_tiny_model(tiny_dir, text_file, tmp_path, capsys) -> None:
         (["--seqlen", "128"], "longer than the model's context"),  # the tiny model's context is 64
         (["--seqlen", "32", "--dataset", "c4"], "JSON-lines"),  # a plain text file is not C4
         (["--seqlen", "32", "--model", "/nonexistent/model.gguf"], "does not exist"),
-        (["--seqlen", "32", "--model", "{tmp}/broken.gguf"], "could not load a causal LM"),  # garbage bytes
+        (["--seqlen", "32", "--model", "{tmp}/broken.gguf"], "could not read the GGUF metadata"),  # garbage bytes
         (["--seqlen", "32", "--data-file", "{tmp}/missing.txt"], "does not exist"),
     ],
 )
@@ -202,7 +192,8 @@ def test_cli_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys) -> None:
         "--calib-data", str(text_file), "--calib-seqlen", "32", "--out", str(out), "--no-progress",
     ])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-    assert (out / "gwq_config.json").is_file() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "gwq"
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "bits/weight" in capsys.readouterr().out
     rc = main(["eval", "--model", str(out), "--data-file", str(text_file), "--seqlen", "32", "--no-progress"])
     assert rc == 0
