@@ -98,8 +98,12 @@ class GWQConfig(AOBaseConfig):
     damp: float = 0.01
     skip_modules: tuple[str, ...] = ("lm_head",)
     skip_output_embeddings: bool = True
+    # head_bits stays None (the LM head dense, as GPTQ/AWQ/bitsandbytes leave it): an opt-in
+    # for deployment.  For an 8-bit head, groups of 128 measured best on validation (14.77 vs
+    # 14.78 for 64 and 14.86 with the head dense; 4-bit heads 15.01-15.14):
+    # benchmarks/results/head_selection_smollm2.md.
     head_bits: Optional[int] = None
-    head_group_size: int = 64
+    head_group_size: int = 128
     step: Optional[str] = None
     progress: bool = True
 
