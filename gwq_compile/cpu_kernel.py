@@ -49,16 +49,24 @@ def _load() -> str | None:
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
         load(name="gwq_cpu_linear", sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, build_directory=str(path))
+        torch.library.register_fake("gwq_cpu::linear")(_fake_linear)
     except Exception as err:  # noqa: BLE001  (any build failure: reported once, below)
         return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
     return None
 
 
+def _fake_linear(x, codes, scales_zeros, row_ptr, col_idx, values, bias, tile_group, in_features, pad, gather, repeat_k):
+    """Shape and dtype of ``torch.ops.gwq_cpu.linear`` (so compiled graphs can call it directly)."""
+    return x.new_empty(*x.shape[:-1], row_ptr.shape[0] - 1)
+
+
+@torch.compiler.assume_constant_result  # built or not is fixed for the process: compiled graphs take it as a constant
 def reason_unavailable() -> str | None:
     """``None`` once the kernel is built (or found in the cache), else why it cannot be."""
     return _load()
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether ``torch.ops.gwq_cpu.linear`` can run; a failed build warns once, naming the reason."""
     reason = _load()

@@ -135,6 +135,18 @@ def k_map(in_features: int, group_size: int, bits: int) -> KMap:
     return KMap(in_features, g, groups, gp, padded_k, tile_group, padded_k * (2 if bits == 8 else 1), padded_k - in_features, gather)
 
 
+def kernel_ints(in_features: int, group_size: int, bits: int) -> tuple[int, int, bool] | None:
+    """``(tile_group, pad, repeat_k)`` of the compiled kernel's call for weights whose groups
+    need no gather (group sizes that are multiples of 32, or one group per row), else None:
+    plain integer arithmetic (the same as :func:`k_map`), so torch.compile folds it."""
+    g = packing.effective_group_size(in_features, group_size)
+    groups = math.ceil(in_features / g)
+    gp = g if g % 32 == 0 else 32 * math.ceil(g / 32)
+    if gp != g and groups > 1:
+        return None
+    return next(t for t in TILE_GROUPS if gp % t == 0), groups * gp - in_features, bits == 8
+
+
 def _kernel_columns(km: KMap) -> torch.Tensor:
     """Kernel column of each of the ``in_features`` weight columns (int64 ``[K]``)."""
     c = torch.arange(km.in_features)

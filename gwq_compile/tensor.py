@@ -33,7 +33,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -231,10 +234,14 @@ class GWQTensor(TorchAOBaseTensor):
 
     def _stable_hash_for_caching(self) -> str:
         """What AOTAutograd's cache keys this weight by: its layout and the metadata of its fields
-        (never the data; the same graph serves every weight with the same metadata)."""
+        (never the data; the same graph serves every weight with the same metadata), plus how
+        gwq-compile lowers it: the source of the modules that pick and build its ops, ``GWQ_KERNEL``
+        and whether the compiled CPU kernel exists.  Without those a graph traced by another
+        version of this code, or under another ``GWQ_KERNEL``, would be reused from the cache."""
         names = self.__tensor_flatten__()[0]
         fields = [(n, tuple(getattr(self, n).shape), str(getattr(self, n).dtype), tuple(getattr(self, n).stride())) for n in names]
-        meta = (type(self).__qualname__, self.code_layout, self.bits, self.group_size, tuple(self.shape), str(self.dtype), self.device.type, fields)
+        lowering = (_source_digest(), dispatch.kernel_choice(), self.code_layout == "cpu_int4" and dispatch.cpu_kernel() == "ext")
+        meta = (type(self).__qualname__, self.code_layout, self.bits, self.group_size, tuple(self.shape), str(self.dtype), self.device.type, fields, lowering)
         return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
 
     def __repr__(self) -> str:
@@ -245,6 +252,18 @@ class GWQTensor(TorchAOBaseTensor):
             f"bits={self.bits}, group_size={self.group_size}, outliers={self.num_outliers}, "
             f"shape={tuple(self.shape)}, code_layout={self.code_layout}"
         )
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Digest of the files that decide how a GWQTensor lowers in a compiled graph."""
+    from gwq_compile import cpu_kernel  # noqa: PLC0415
+
+    files = [Path(m.__file__) for m in (sys.modules[__name__], dispatch, _ops, cpu_layout, packing, _launch)] + [cpu_kernel.SOURCE]
+    digest = hashlib.blake2b(digest_size=16)
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 # TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ after the class body runs.

@@ -209,17 +209,42 @@ def test_cpu_weights_take_the_fast_path_and_it_is_counted(monkeypatch) -> None:
     torch.testing.assert_close(y_ref, x @ lin.weight.dequantize().T + lin.bias, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_module_runs_the_fast_path() -> None:
+def _kernel_events(fn) -> dict[str, int]:
+    with torch.profiler.profile() as prof:
+        fn()
+    names = ("gwq_cpu::linear", "gwq::linear_cpu", "gwq::linear")
+    return {n: sum(e.name == n for e in prof.events()) for n in names}
+
+
+@pytest.mark.parametrize("group_size", [32, 48])
+def test_compiled_module_runs_the_fast_path(group_size: int) -> None:
+    """Compiled graphs call the compiled kernel directly (group sizes that need no gather),
+    or the registered op around it; either way the same numbers as eager."""
     torch._dynamo.reset()
-    lin = _qlinear(bits=3, group_size=32)
+    lin = _qlinear(bits=3, group_size=group_size)
     x = torch.randn(2, 5, 160)
     compiled = torch.compile(lin, fullgraph=True)
-    before = dispatch.CALLS["cpu_int4"]
     with torch.no_grad():
         y = compiled(x)
-        compiled(x)
-    assert dispatch.CALLS["cpu_int4"] == before + 2
+        events = _kernel_events(lambda: compiled(x))
+    assert events["gwq_cpu::linear"] == 1
+    assert events["gwq::linear_cpu"] == (0 if group_size == 32 else 1)
     torch.testing.assert_close(y, lin(x), rtol=0, atol=0)
+
+
+def test_a_compiled_graph_follows_gwq_kernel(monkeypatch) -> None:
+    """A graph compiled under another GWQ_KERNEL is not reused (the AOT cache key includes it)."""
+    lin = _qlinear()
+    x = torch.randn(3, 160)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        fast = torch.compile(lin)(x)
+        monkeypatch.setenv(dispatch.KERNEL_ENV, "reference")
+        torch._dynamo.reset()
+        reference = torch.compile(lin)(x)
+    exact = x @ lin.weight.dequantize().T + lin.bias
+    torch.testing.assert_close(reference, exact, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, reference)  # the bf16 fast path differs in the last bits
 
 
 def test_gwq_kernel_cpu_refuses_a_weight_without_the_cpu_layout(monkeypatch) -> None:
@@ -322,9 +347,9 @@ def test_generate_eager_and_static_cache_compiled_agree() -> None:
         eager = model.generate(ids[:, :8], **kwargs)
         model.generation_config.cache_implementation = "static"
         model.forward = torch.compile(model.forward, fullgraph=True)
-        before = dispatch.CALLS["cpu_int4"]
         compiled = model.generate(ids[:, :8], **kwargs)
-    assert dispatch.CALLS["cpu_int4"] - before == 6 * 15  # 6 steps x (14 linears + the head)
+        events = _kernel_events(lambda: model.generate(ids[:, :8], **kwargs))
+    assert events["gwq_cpu::linear"] == 6 * 15  # 6 steps x (14 linears + the head), the compiled kernel in the graph
     assert len(set(eager[0, 8:].tolist())) > 1  # a real continuation, not one token repeated
     assert torch.equal(eager, compiled)
 
