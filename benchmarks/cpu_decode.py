@@ -133,6 +133,7 @@ def gwq_calls() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    load_before = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             ppl[name] = {"fast": fast, "reference": reference}
             print(f"{name}: perplexity fast {fast:.3f}, reference {reference:.3f}", flush=True)
 
-    write_results(args, argv, info, decode, prefill, compiled_decode, ppl)
+    write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -211,7 +212,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "–"
 
 
-def write_results(args, argv, info, decode, prefill, compiled_decode, ppl) -> None:
+def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before) -> None:
     med = {n: statistics.median(v) for n, v in decode.items()}
     pre = {n: statistics.median(v) for n, v in prefill.items()}
     fp32, bf16 = med.get("fp32"), med.get("bf16")
@@ -223,6 +224,8 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl) -> No
         f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- Batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; medians of {args.repeats} interleaved rounds",
+        f"- Machine load (1/5/15-min load averages) at the start {', '.join(f'{v:.2f}' for v in load_before)}, at the end "
+        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores: above ~0.5 other work shared the CPU)",
         "- GWQ on CPU: codes in torch's int4 CPU GEMM layout, activations rounded to bf16 for that GEMM (fp32 accumulation),"
         " fp16 outliers added in fp32 by a CSR sparse product (`gwq_compile/cpu_layout.py`)",
         "",
