@@ -94,13 +94,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build(fp: torch.nn.Module, tokenizer, name: str) -> torch.nn.Module:
+def build(fp: torch.nn.Module, tokenizer, name: str, quantized: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The variant's model; a config quantized for one dtype is copied for the other
+    (``quantized`` holds the fp32 GWQ models by config)."""
     overrides, dtype = VARIANTS[name]
-    model = copy.deepcopy(fp)
-    if overrides is not None:
+    if overrides is None:
+        return copy.deepcopy(fp).to(dtype).eval()
+    key = json.dumps(overrides, sort_keys=True)
+    if key not in quantized:
+        model = copy.deepcopy(fp)
         calib = calibration_tokens(tokenizer, "default", n_samples=1, seq_len=512)
         quantize_(model, GWQConfig(progress=False, **overrides), calibration_data=calib)
-    return model.to(dtype).eval()
+        quantized[key] = model.eval()
+    return copy.deepcopy(quantized[key]).to(dtype).eval()
 
 
 def generate_seconds(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **kwargs) -> float:
@@ -142,10 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     prompt = text_ids[:, : args.prompt_tokens]
     prefill_ids = text_ids[:, 1000 : 1000 + args.prefill_tokens]
 
-    models, info = {}, {}
+    models, info, quantized = {}, {}, {}
     for name in args.variants:
         t0 = time.perf_counter()
-        models[name] = build(fp, tokenizer, name)
+        models[name] = build(fp, tokenizer, name, quantized)
         rep = quantization_report(models[name])
         info[name] = {
             "build_s": time.perf_counter() - t0,
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             "quantized_layers": rep["quantized_layers"],
         }
         print(f"built {name} in {info[name]['build_s']:.0f}s", flush=True)
-    del fp
+    del fp, quantized
 
     for model in models.values():  # warm-up (first-call allocations, lazy inits)
         decode_tokens_per_s(model, prompt, 4)
@@ -174,8 +180,23 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError(f"{name}: the CPU fast path did not run")
         print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {decode[n][-1]:.1f} tok/s" for n in models), flush=True)
 
+    ppl: dict[str, dict[str, float]] = {}  # eager models, before any compile
+    if args.ppl_windows:
+        for name, model in models.items():
+            if not info[name]["quantized_layers"]:
+                continue
+            fast = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} fast")
+            os.environ[dispatch.KERNEL_ENV] = "reference"
+            try:
+                reference = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} reference")
+            finally:
+                del os.environ[dispatch.KERNEL_ENV]
+            ppl[name] = {"fast": fast, "reference": reference}
+            print(f"{name}: perplexity fast {fast:.3f}, reference {reference:.3f}", flush=True)
+
     compiled_decode: dict[str, list[float]] = {}
-    if args.compile:
+    if args.compile:  # the eager results are written first, so a failed compile keeps them
+        write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before)
         for name, model in models.items():
             t0 = time.perf_counter()
             model = compiled(model)
@@ -189,20 +210,6 @@ def main(argv: list[str] | None = None) -> None:
             for name, model in models.items():
                 compiled_decode[name].append(decode_tokens_per_s(model, prompt, args.new_tokens))
             print(f"compiled round {r + 1}: " + ", ".join(f"{n} {compiled_decode[n][-1]:.1f}" for n in models), flush=True)
-
-    ppl: dict[str, dict[str, float]] = {}
-    if args.ppl_windows:
-        for name, model in models.items():
-            if not info[name]["quantized_layers"]:
-                continue
-            fast = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} fast")
-            os.environ[dispatch.KERNEL_ENV] = "reference"
-            try:
-                reference = perplexity(model, text_ids, seqlen=512, max_windows=args.ppl_windows, desc=f"{name} reference")
-            finally:
-                del os.environ[dispatch.KERNEL_ENV]
-            ppl[name] = {"fast": fast, "reference": reference}
-            print(f"{name}: perplexity fast {fast:.3f}, reference {reference:.3f}", flush=True)
 
     write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before)
 
