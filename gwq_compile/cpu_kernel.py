@@ -7,8 +7,8 @@ that writes the output.  It is the part no library has (the outliers) plus the g
 otherwise costs more per call than the GEMM at decode sizes.
 
 The source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja; about 10 s)
-into ``$GWQ_EXTENSIONS_DIR`` or ``~/.cache/gwq_compile/<python>-<torch>``, once per
-machine.  If that is impossible (no compiler), :func:`available` says why in one warning
+into ``$GWQ_EXTENSIONS_DIR`` or ``~/.cache/gwq_compile/<python>-<torch>-<source digest>``,
+once per machine and version.  If that is impossible (no compiler), :func:`available` says why in one warning
 and :mod:`gwq_compile.dispatch` runs the fast path's ATen-op version instead (same layout,
 same numerics, more per-call overhead); ``GWQ_KERNEL=cpu_aten`` asks for that version.
 
@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -34,9 +35,13 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_linear.cpp"
 
 
 def build_dir() -> Path:
-    """Where the kernel is built and cached (one build per Python and torch version)."""
+    """Where the kernel is built and cached: one build per Python version, torch version and
+    source text.  The source's digest is in the name because two checkouts of different
+    versions on one machine would otherwise rebuild one directory in turn, and a process
+    could load the library another checkout's source just built."""
     root = os.environ.get("GWQ_EXTENSIONS_DIR") or Path.home() / ".cache" / "gwq_compile"
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}-{digest}"
     return Path(root) / tag
 
 
@@ -55,7 +60,7 @@ def _load() -> str | None:
     return None
 
 
-def _fake_linear(x, codes, scales_zeros, row_ptr, col_idx, values, bias, tile_group, in_features, pad, gather, repeat_k):
+def _fake_linear(x, codes, scales_zeros, row_ptr, col_idx, values, bias, tile_group, in_features, pad, gather, repeat_k, tile_min_rows):
     """Shape and dtype of ``torch.ops.gwq_cpu.linear`` (so compiled graphs can call it directly)."""
     return x.new_empty(*x.shape[:-1], row_ptr.shape[0] - 1)
 

@@ -24,9 +24,14 @@ the linear:
 
 :func:`linear` runs it all in one call of the compiled kernel ``torch.ops.gwq_cpu.linear``
 (``csrc/cpu_linear.cpp``, built on first use by :mod:`gwq_compile.cpu_kernel`), which adds
-the outliers and the bias in the same pass that stores the output; :func:`linear_aten` is
-the same computation in ATen ops (the outliers by one ``torch.sparse.mm``), for machines
-without a compiler and as a second implementation the tests hold against the first.
+the outliers and the bias in the same pass that stores the output.  From
+:data:`TILE_MIN_ROWS` rows of x on (prefill) that kernel does not use torch's int4 GEMM,
+which is ~2x slower than an fp32 sgemm there: it dequantizes 256 rows of the weight at a
+time (codes, the same bf16 grid, outliers) into an fp32 tile that stays in cache and
+multiplies fp32 x by it, so x is not rounded and the dense weight is never built whole.
+:func:`linear_aten` is the int4 computation in ATen ops (the outliers by one
+``torch.sparse.mm``) at every M, for machines without a compiler and as a second
+implementation the tests hold to the same bound.
 
 Resident bytes for W4 g64 + 0.5 % outliers: 4 (codes) + 0.5 (bf16 tile grid) + 0.375
 (stored grid) + ~0.2 (CSR) bits per weight, against 4.58 stored: 1.1x.  W3/W2 take the
@@ -66,6 +71,10 @@ BLOCK_N = 64
 #: Group sizes the kernel accepts, largest first.
 TILE_GROUPS = (256, 128, 64, 32)
 COMPUTE_DTYPE = torch.bfloat16
+#: From this many rows of x on, the compiled kernel dequantizes the weight one 64-row block at
+#: a time into an fp32 tile and multiplies fp32 x by it with at::mm: there torch's int4 GEMM
+#: is slower than an fp32 sgemm on this project's CPUs (``benchmarks/cpu_kernels.py``).
+TILE_MIN_ROWS = 32
 
 # torch warns once per process that CSR tensors are "in beta" when outlier_product builds
 # one; that is torch's note about its API, not about this product.  Only warnings raised
@@ -320,7 +329,7 @@ def linear(
         km = k_map(in_features, group_size, bits)
         return torch.ops.gwq_cpu.linear.default(
             x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias,
-            km.tile_group, in_features, km.pad, km.gather, bits == 8,
+            km.tile_group, in_features, km.pad, km.gather, bits == 8, TILE_MIN_ROWS,
         )  # fmt: skip
     return linear_aten(x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, in_features)
 

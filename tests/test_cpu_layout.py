@@ -159,24 +159,27 @@ def test_the_compiled_kernel_is_built_here() -> None:
     assert dispatch.cpu_kernel() == "ext"
 
 
+# 4 rows: torch's int4 GEMM; 40 rows: the compiled kernel's dequantized-tile path (M >= 32).
+@pytest.mark.parametrize("m", [4, 40])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
-def test_check_rejects_a_broken_grid(kernel: str) -> None:
+def test_check_rejects_a_broken_grid(kernel: str, m: int) -> None:
     """The tolerance is tight enough to see a grid off by one code step in one group."""
     p = make_weight(64, 128, 4, 64, density=0.0, seed=3)
     codes, grid = cpu_layout.pack(p)
     broken = grid.clone()
     broken[0, 5, 1] += broken[0, 5, 0]  # tile group 0 of row 5: every weight one step higher
-    x = torch.rand(4, 128) + 0.5
+    x = torch.rand(m, 128) + 0.5
     y = fast_linear(x, p, None, kernel, codes_grid=(codes, broken))
     with pytest.raises(AssertionError, match="exceeds the bound"):
         check_close(y, x, p, None)
 
 
+@pytest.mark.parametrize("m", [4, 40])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
-def test_check_rejects_a_dropped_outlier(kernel: str) -> None:
+def test_check_rejects_a_dropped_outlier(kernel: str, m: int) -> None:
     p = make_weight(64, 128, 4, 64, density=0.02, seed=4)
     j = int(p.outlier_row_ptr[10])  # an outlier of row 10, left out of the product below
-    x = torch.full((4, 128), 1e-3)
+    x = torch.full((m, 128), 1e-3)
     x[:, int(p.outlier_col_idx[j])] = 1.0  # its column carries the signal
     check_close(fast_linear(x, p, None, kernel), x, p, None)
     dropped = p._replace(outlier_values=p.outlier_values.clone().index_fill_(0, torch.tensor([j]), 0.0))

@@ -10,16 +10,135 @@
 // x' is x rounded to bf16, zero-padded to the kernel's K (or gathered when groups are padded
 // inside a row) and repeated twice along K for 8-bit codes (high and low nibbles).  The
 // outliers read x itself, in fp32.
+//
+// From tile_min_rows rows of x on (prefill; cpu_layout.TILE_MIN_ROWS, chosen by benchmarks/cpu_kernels.py), torch's int4 GEMM is about 2x slower than an fp32
+// sgemm here, so the weight is instead dequantized one 64-row block at a time into an fp32
+// tile that stays in cache (codes, bf16 grid and outliers: the same weight), and multiplied
+// by fp32 x' with at::mm: the dense weight is never built whole, and x is not rounded.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 namespace {
+
+constexpr int64_t kBlockN = 64;     // rows per block of the packed operand (cpu_layout.BLOCK_N)
+constexpr int64_t kTileBlocks = 4;  // blocks per fp32 tile: 256 output columns per at::mm (benchmarks/cpu_kernels.py)
+
+// Where code (n, k) of a [kBlockN, columns] block lands in torch's int4 CPU packing, read off
+// torch's own packing routine (the order depends on the CPU capability it dispatched to), as
+// cpu_layout.nibble_map does; stored k-major ([columns, kBlockN]) for the tile loop.
+struct NibbleMap {
+  std::vector<int32_t> byte;
+  std::vector<uint8_t> shift;
+  // torch's AVX-512 order: the 64 codes of column k are the 32 bytes at k * 32, low nibbles
+  // rows 0-31, high nibbles rows 32-63; then the tile loop unpacks without a gather.
+  bool split_halves = false;
+};
+
+const NibbleMap& nibble_map(int64_t columns) {
+  static std::mutex mutex;
+  static std::unordered_map<int64_t, NibbleMap> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(columns);
+  if (found != cache.end()) return found->second;
+  const int64_t count = kBlockN * columns;
+  at::Tensor index = at::arange(count, at::kLong);
+  at::Tensor source = at::zeros({count}, at::kLong);
+  const int64_t digits = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::log2(static_cast<double>(count)) / 4)));
+  for (int64_t d = 0; d < digits; ++d) {
+    at::Tensor digit = at::bitwise_and(at::bitwise_right_shift(index, 4 * d), 15).to(at::kInt).view({kBlockN, columns});
+    at::Tensor packed = at::_convert_weight_to_int4pack_for_cpu(digit, 8).view({-1}).to(at::kLong);
+    at::Tensor nibbles = at::stack({at::bitwise_and(packed, 15), at::bitwise_right_shift(packed, 4)}, -1).view({-1});
+    source = at::bitwise_or(source, at::bitwise_left_shift(nibbles, 4 * d));
+  }
+  TORCH_CHECK(at::equal(std::get<0>(at::sort(source)), index), "gwq_cpu.linear: torch's int4 CPU packing is not a permutation of nibbles");
+  at::Tensor position = at::empty_like(source);
+  position.index_put_({source}, index);
+  at::Tensor by_k = position.view({kBlockN, columns}).t().contiguous();  // [columns, kBlockN]
+  const int64_t* pos = by_k.const_data_ptr<int64_t>();
+  NibbleMap map{std::vector<int32_t>(count), std::vector<uint8_t>(count)};
+  map.split_halves = true;
+  for (int64_t i = 0; i < count; ++i) {
+    map.byte[i] = static_cast<int32_t>(pos[i] / 2);
+    map.shift[i] = static_cast<uint8_t>((pos[i] % 2) * 4);
+    const int64_t k = i / kBlockN, n = i % kBlockN;
+    map.split_halves = map.split_halves && map.byte[i] == k * (kBlockN / 2) + n % (kBlockN / 2) && map.shift[i] == 4 * (n / (kBlockN / 2));
+  }
+  return cache.emplace(columns, std::move(map)).first->second;
+}
+
+// out = x' @ W.T + bias for M >= tile_min_rows: kTileBlocks 64-row blocks of W at a time are
+// dequantized into an fp32 tile [columns, 256] (k-major: the GEMM's B operand as is), their
+// outliers added into the tile at their kernel columns, then one at::mm per tile; tiles run in
+// parallel.
+template <typename index_t, typename out_t>
+void tiled_linear(
+    const at::Tensor& xk, const uint8_t* __restrict__ codes, const at::BFloat16* __restrict__ grid, int64_t padded_rows,
+    int64_t tile_group, const int64_t* __restrict__ kernel_column, const int32_t* __restrict__ row_ptr,
+    const index_t* __restrict__ col, const at::Half* __restrict__ val, const float* __restrict__ bias, out_t* __restrict__ out,
+    int64_t n_cols) {
+  const int64_t m_rows = xk.size(0), columns = xk.size(1);
+  const NibbleMap& map = nibble_map(columns);
+  const int64_t width = kTileBlocks * kBlockN;  // output columns per tile (per at::mm)
+  const int64_t tiles = (n_cols + width - 1) / width;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({columns, width}, xk.options());
+    float* __restrict__ w = tile.data_ptr<float>();
+    float scale[kBlockN], zero[kBlockN];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * width, rows = std::min(width, n_cols - n0);
+      for (int64_t j = 0; j * kBlockN < rows; ++j) {  // dequantize each 64-row block into tile columns [64 j, 64 j + 64)
+        const int64_t b = t * kTileBlocks + j;
+        const uint8_t* __restrict__ block = codes + b * kBlockN * columns / 2;
+        for (int64_t k = 0; k < columns; ++k) {
+          if (k % tile_group == 0) {
+            const at::BFloat16* sz = grid + ((k / tile_group) * padded_rows + b * kBlockN) * 2;
+            for (int64_t n = 0; n < kBlockN; ++n) {
+              scale[n] = static_cast<float>(sz[2 * n]);
+              zero[n] = static_cast<float>(sz[2 * n + 1]);
+            }
+          }
+          float* __restrict__ wk = w + k * width + j * kBlockN;
+          if (map.split_halves) {
+            const uint8_t* __restrict__ bytes = block + k * (kBlockN / 2);
+            constexpr int64_t half = kBlockN / 2;
+            for (int64_t n = 0; n < half; ++n) {
+              wk[n] = static_cast<float>(static_cast<int>(bytes[n] & 15) - 8) * scale[n] + zero[n];
+              wk[n + half] = static_cast<float>(static_cast<int>(bytes[n] >> 4) - 8) * scale[n + half] + zero[n + half];
+            }
+          } else {
+            const int32_t* __restrict__ byte = map.byte.data() + k * kBlockN;
+            const uint8_t* __restrict__ shift = map.shift.data() + k * kBlockN;
+            for (int64_t n = 0; n < kBlockN; ++n) {
+              const int q = (block[byte[n]] >> shift[n]) & 15;
+              wk[n] = static_cast<float>(q - 8) * scale[n] + zero[n];
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int32_t j = row_ptr[n0 + r]; j < row_ptr[n0 + r + 1]; ++j) {
+          w[kernel_column[col[j]] * width + r] += static_cast<float>(val[j]);
+        }
+      }
+      at::Tensor y = at::mm(xk, tile.narrow(1, 0, rows));  // [M, rows]
+      const float* __restrict__ yp = y.const_data_ptr<float>();
+      for (int64_t m = 0; m < m_rows; ++m) {
+        for (int64_t r = 0; r < rows; ++r) {
+          out[m * n_cols + n0 + r] = static_cast<out_t>(yp[m * rows + r] + (bias ? bias[n0 + r] : 0.f));
+        }
+      }
+    }
+  });
+}
 
 template <typename index_t, typename out_t>
 void add_outliers_and_store(
@@ -68,9 +187,11 @@ void add_outliers_and_store(
 at::Tensor linear(
     const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros, const at::Tensor& row_ptr,
     const at::Tensor& col_idx, const at::Tensor& values, const std::optional<at::Tensor>& bias,
-    int64_t tile_group, int64_t in_features, int64_t pad, const std::optional<at::Tensor>& gather, bool repeat_k) {
+    int64_t tile_group, int64_t in_features, int64_t pad, const std::optional<at::Tensor>& gather, bool repeat_k,
+    int64_t tile_min_rows) {
   TORCH_CHECK(x.size(-1) == in_features, "gwq_cpu.linear: x has ", x.size(-1), " features, the weight ", in_features);
   TORCH_CHECK(row_ptr.scalar_type() == at::kInt && values.scalar_type() == at::kHalf, "gwq_cpu.linear: CSR must be int32 row_ptr, fp16 values");
+  TORCH_CHECK(codes.is_contiguous() && scales_zeros.is_contiguous() && codes.scalar_type() == at::kByte, "gwq_cpu.linear: codes must be contiguous uint8, scales_zeros contiguous");
   TORCH_CHECK(col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt, "gwq_cpu.linear: col_idx must be int16 or int32");
   const int64_t n_cols = row_ptr.numel() - 1;
   at::Tensor x2 = x.reshape({-1, in_features});
@@ -80,18 +201,48 @@ at::Tensor linear(
   at::Tensor out = at::empty(out_shape, x.options());
   if (m_rows == 0 || n_cols == 0) return out;
 
-  at::Tensor xb = x2.to(at::kBFloat16);
-  if (gather.has_value()) {
-    xb = at::constant_pad_nd(xb, {0, 1}).index_select(1, *gather);  // padded kernel columns read the appended zero
-  } else if (pad > 0) {
-    xb = at::constant_pad_nd(xb, {0, pad});
-  }
-  if (repeat_k) xb = at::cat({xb, xb}, 1);
-  at::Tensor y = at::_weight_int4pack_mm_for_cpu(xb.contiguous(), codes, tile_group, scales_zeros);
-
-  at::Tensor xt = values.numel() ? x2.t().to(at::kFloat).contiguous() : at::empty({0}, x.options().dtype(at::kFloat));
-  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor row_ptr_c = row_ptr.contiguous(), col_c = col_idx.contiguous(), val_c = values.contiguous();
+  at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const bool tiled = m_rows >= tile_min_rows;
+  // x' (module comment): fp32 for the tile path, bf16 for torch's int4 GEMM.
+  at::Tensor xk = x2.to(tiled ? at::kFloat : at::kBFloat16);
+  if (gather.has_value()) {
+    xk = at::constant_pad_nd(xk, {0, 1}).index_select(1, *gather);  // padded kernel columns read the appended zero
+  } else if (pad > 0) {
+    xk = at::constant_pad_nd(xk, {0, pad});
+  }
+  if (repeat_k) xk = at::cat({xk, xk}, 1);
+  xk = xk.contiguous();
+
+  if (tiled) {
+    // Kernel column of each input feature (where its outliers go in the tile): the gather's inverse.
+    std::vector<int64_t> kernel_column(in_features);
+    for (int64_t c = 0; c < in_features; ++c) kernel_column[c] = c;
+    if (gather.has_value()) {
+      at::Tensor g = gather->to(at::kLong).contiguous();
+      const int64_t* gp = g.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < g.numel(); ++i) {
+        if (gp[i] < in_features) kernel_column[gp[i]] = i;
+      }
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_tiled", [&] {
+      auto run = [&](auto* col) {
+        tiled_linear(
+            xk, codes.const_data_ptr<uint8_t>(), scales_zeros.const_data_ptr<at::BFloat16>(), codes.size(0), tile_group,
+            kernel_column.data(), row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
+            b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
+      };
+      if (col_c.scalar_type() == at::kShort) {
+        run(col_c.const_data_ptr<int16_t>());
+      } else {
+        run(col_c.const_data_ptr<int32_t>());
+      }
+    });
+    return out;
+  }
+
+  at::Tensor y = at::_weight_int4pack_mm_for_cpu(xk, codes, tile_group, scales_zeros);
+  at::Tensor xt = values.numel() ? x2.t().to(at::kFloat).contiguous() : at::empty({0}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear", [&] {
     auto run = [&](auto* col) {
       add_outliers_and_store(
@@ -112,7 +263,7 @@ at::Tensor linear(
 TORCH_LIBRARY(gwq_cpu, m) {
   m.def(
       "linear(Tensor x, Tensor codes, Tensor scales_zeros, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
-      "int tile_group, int in_features, int pad, Tensor? gather, bool repeat_k) -> Tensor");
+      "int tile_group, int in_features, int pad, Tensor? gather, bool repeat_k, int tile_min_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gwq_cpu, CPU, m) { m.impl("linear", &linear); }
