@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import GWQConfig, calibration_tokens, dispatch, quantization_report, quantize_
+from gwq_compile import GWQConfig, calibration_tokens, cpu_layout, dispatch, quantization_report, quantize_
 from gwq_compile.data import tokenize, wikitext2_text
 from gwq_compile.eval import perplexity
 from gwq_compile.models import load_causal_lm
@@ -241,8 +241,12 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_
         f"- Batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; medians of {args.repeats} interleaved rounds",
         f"- Machine load (1/5/15-min load averages) at the start {', '.join(f'{v:.2f}' for v in load_before)}, at the end "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores: above ~0.5 other work shared the CPU)",
-        "- GWQ on CPU: codes in torch's int4 CPU GEMM layout, activations rounded to bf16 for that GEMM (fp32 accumulation),"
-        " fp16 outliers added in fp32 by a CSR sparse product (`gwq_compile/cpu_layout.py`)",
+        "- GWQ on CPU (`gwq_compile/cpu_layout.py`, `csrc/cpu_linear.cpp`): codes in torch's int4 CPU GEMM layout; below"
+        f" {cpu_layout.TILE_MIN_ROWS} rows (decode) activations rounded to bf16 for that GEMM (fp32 accumulation), from"
+        f" {cpu_layout.TILE_MIN_ROWS} rows on (prefill) 256-row fp32 tiles dequantized in cache and fp32 at::mm; fp16 outliers"
+        " added in fp32",
+        "- The machine is a shared 2-core VM: where the load averages exceed ~1, other processes took CPU time during the run;"
+        " the rounds are interleaved so that all variants share it, but the absolute figures and the spread suffer",
         "",
         "| variant | decode tokens/s | vs FP32 | vs bf16 | prefill 512 (ms) | prefill speed-up vs FP32 | linear bpw | model bpw | resident weights (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
