@@ -126,8 +126,9 @@ def dequant_tile(
         codes = _plane_codes(row_ptrs, k0, K, mask_n, BLOCK_K, BITS)
     if GROUP_SIZE % BLOCK_K == 0:  # the tile lies inside one group: one scale and zero per row
         g = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        zero = tl.load(zeros_ptr + offs_n * stride_zn + g, mask=mask_n, other=0).to(tl.float32)[:, None]
+        in_k = mask_n & ((offs_n * 0 + k0) < K)  # a dense program's last tiles may start past K: no group there
+        scale = tl.load(scales_ptr + offs_n * stride_sn + g, mask=in_k, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(zeros_ptr + offs_n * stride_zn + g, mask=in_k, other=0).to(tl.float32)[:, None]
     else:
         g = offs_k[None, :] // GROUP_SIZE
         scale = tl.load(scales_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
