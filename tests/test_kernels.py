@@ -66,6 +66,9 @@ CONFIGS = {
     ],
 }
 FAMILIES = list(CONFIGS)
+# Hypothesis examples per property (fewer in a short GPU session, where every new example
+# compiles kernels: benchmarks/gpu_session.sh sets 8).
+MAX_EXAMPLES = int(os.environ.get("GWQ_HYPOTHESIS_EXAMPLES", "30"))
 # Rows drawn per path: the small-M kernel is meant for 1..16 (17..20 checks several M
 # blocks); the dense path takes any M, including the tiny ones.
 M_RANGE = {"gemv": (1, 20), "dense": (1, 70)}
@@ -155,7 +158,7 @@ def problems(draw, path: str) -> dict:
 
 
 @pytest.mark.parametrize("path", FAMILIES)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_kernel_matches_reference(path: str, data) -> None:
     """Random shapes, formats, outlier patterns, layouts, dtypes and tiles on each kernel family."""
