@@ -77,6 +77,15 @@ M_RANGE = {"gemv": (1, 20), "dense": (1, 70)}
 # ----------------------------------------------------------------------------- helpers
 
 
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    """Correctness, not speed: on CUDA the launcher would otherwise time every candidate
+    config of each new random shape.  The candidates themselves are checked one by one
+    (test_every_candidate_config) and tuning in tests/test_launch.py."""
+    monkeypatch.setenv(launch.TUNE_ENV, "0")
+
+
+
 def make_weight(
     n: int, k: int, bits: int, group_size: int, density: float, seed: int, empty_rows: bool = False, dense_col: bool = False
 ) -> packing.PackedWeight:
@@ -183,6 +192,26 @@ def test_every_format(bits: int, group_size: int, path: str) -> None:
     x = make_input(3 if path == "gemv" else 33, 150, torch.float16 if path == "dense" else torch.float32, "contiguous", seed=1)
     bias = torch.randn(24, device=DEVICE)
     check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
+
+
+def _candidates(family: str) -> list:
+    module = {"gemv": "gemv", "dense": "dequant"}[family]
+    return launch.kernel_modules(interpret=ON_CPU).__dict__[module].configs(interpreted=False)
+
+
+@pytest.mark.parametrize(
+    "family, index, m", [(f, i, m) for f in FAMILIES for i in range(len(_candidates(f))) for m in ((3, 16) if f == "gemv" else (20,))]
+)
+def test_every_candidate_config(family: str, index: int, m: int) -> None:
+    """Each config the GPU tuner may pick (W4 g128, 3 % outliers, bias, fp16 x; K not a
+    multiple of any tile; the GEMV in its broadcast and its tl.dot form), forced, against
+    the reference."""
+    cfg = _candidates(family)[index]
+    knobs = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    p = make_weight(50, 300, 4, 128, density=0.03, seed=index)
+    x = make_input(m, 300, torch.float16, "contiguous", seed=index)
+    bias = torch.randn(50, device=DEVICE, dtype=torch.float16)
+    check_against_reference(run_kernel(x, p, bias, path=family, config=knobs), x, p, bias)
 
 
 @pytest.mark.parametrize("config", CONFIGS["dense"])

@@ -183,3 +183,21 @@ def test_dense_path_is_one_weight_allocation(aten_log) -> None:
     assert log.launches == ["gwq_dequant_kernel"]
     assert log.ops["empty"] == 1 and not (log.ops["index_put_"] or log.ops["scatter_"] or log.ops["zeros"]), dict(log.ops)
     torch.testing.assert_close(y, x @ packing.dequantize_weight(p).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="timing candidates needs a GPU")
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_tuned_configs_on_cuda(m: int, monkeypatch) -> None:
+    """The first eager CUDA call of a shape times the candidates and keeps one; the result is
+    right and the next call launches the kept config without timing anything."""
+    import triton.testing
+
+    monkeypatch.delenv(launch.TUNE_ENV, raising=False)
+    p = _weight(256, 512, 4, 128, density=0.01)
+    x = torch.randn(m, 512, device=DEVICE, dtype=torch.float16)
+    y = _run(x, p)
+    assert len(launch.CHOSEN) == 1 and next(iter(launch.CHOSEN.values()))[1]
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **kw: pytest.fail("timed again"))
+    torch.testing.assert_close(_run(x, p), y)
+    ref = x.double() @ packing.dequantize_weight(p, torch.float64).T
+    torch.testing.assert_close(y.double(), ref, rtol=5e-3, atol=5e-3)
