@@ -226,6 +226,28 @@ def test_dense_weight_equals_dequantize_weight(bits: int, group_size: int, confi
     assert torch.equal(launch.gwq_dequantize_triton(p, torch.float16, config=config), packing.dequantize_weight(p).half())
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_dense_program_writes_only_its_tile(bits: int) -> None:
+    """One dense program (grid (1, 1)) writes exactly its ``BLOCK_N`` rows and its K span
+    of ``BLOCK_K * K_TILES`` columns, outliers included, and nothing else: programs never
+    race on another's cells, whatever order a GPU runs them in (the interpreter runs
+    them one after another, so a full-grid result alone could not show that)."""
+    p = make_weight(40, 150, bits, 32, density=0.2, seed=bits, dense_col=True)
+    mod = launch.kernel_modules(interpret=ON_CPU).dequant
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, K_TILES=2)
+    w = torch.full((40, 150), float("nan"), device=DEVICE)
+    plane1 = packing.plane_offsets(150, bits)[1] if bits == 3 else 0
+    mod.gwq_dequant_kernel[(1, 1)](
+        *p[:6], w, 40, 150, plane1, p[0].stride(0), p[1].stride(0), p[2].stride(0), w.stride(0),
+        BITS=bits, GROUP_SIZE=32, HAS_OUTLIERS=True, **cfg,
+    )  # fmt: skip
+    ref = packing.dequantize_weight(p)
+    assert torch.equal(w[:16, :64].cpu(), ref[:16, :64].cpu())
+    outside = torch.ones(40, 150, dtype=torch.bool)
+    outside[:16, :64] = False
+    assert bool(w.cpu()[outside].isnan().all()), "a program wrote outside its tile"
+
+
 @pytest.mark.parametrize("path", FAMILIES)
 @pytest.mark.parametrize(
     "pattern",
