@@ -359,21 +359,10 @@ def _launch(wrap: Callable[[object], object], x: torch.Tensor, *args, path: str 
 
 
 def _dequantize(
-    wrap: Callable[[object], object],
-    mod: ModuleType,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    row_ptr: torch.Tensor,
-    col_idx: torch.Tensor,
-    values: torch.Tensor,
-    bits: int,
-    group_size: int,
-    k: int,
-    dtype: torch.dtype,
-    config: Optional[Mapping[str, int]],
-    can_time: bool = False,
-) -> torch.Tensor:
+    wrap: Callable[[object], object], mod: ModuleType, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, bits: int, group_size: int, k: int,
+    dtype: torch.dtype, config: Optional[Mapping[str, int]], can_time: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Dense ``[N, K]`` weight in ``dtype``, outliers included: one launch."""
     triton = _require_triton()
     n = codes.shape[0]
