@@ -245,8 +245,8 @@ def _forced_config(config: Mapping[str, int], family: str, module: ModuleType, b
             raise ValueError(f"gwq_linear_triton: config {key} must be a power of two, got {kw[key]}")
     if kw["BLOCK_K"] < 8:
         raise ValueError(f"gwq_linear_triton: BLOCK_K must be >= 8 (a byte of the 1-bit plane), got {kw['BLOCK_K']}")
-    if family == "gemv" and kw["BLOCK_M"] >= 16 and kw["BLOCK_N"] < 16:
-        raise ValueError(f"gwq_linear_triton: tl.dot (BLOCK_M >= 16) needs BLOCK_N >= 16, got {kw}")
+    if family == "gemv" and kw["BLOCK_M"] >= 16 and min(kw["BLOCK_N"], kw["BLOCK_K"]) < 16:
+        raise ValueError(f"gwq_linear_triton: tl.dot (BLOCK_M >= 16) needs BLOCK_N and BLOCK_K >= 16, got {kw}")
     if kw.get("SPLIT_K", 1) < 1 or kw.get("K_TILES", 1) < 1:
         raise ValueError(f"gwq_linear_triton: config SPLIT_K / K_TILES must be >= 1, got {kw}")
     return triton.Config(kw, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
