@@ -15,11 +15,17 @@ Each variant is decoded greedily at batch 1 with a ``StaticCache``: the prompt
 (``--prompt-len``) is prefilled eagerly, then the one-token decode step runs through
 ``torch.compile(model.forward)`` (Inductor, ``--compile-mode``; on CUDA the GWQ linears
 are the ``gwq::linear_triton`` triton_op, visible to Inductor).  A warm-up decode
-(compilation, autotuning) is followed by a timed decode of ``--new-tokens`` tokens;
-tokens/s = new tokens / wall time of the timed decode (synchronized).
+(compilation) is followed by a timed decode of ``--new-tokens`` tokens; tokens/s = new
+tokens / wall time of the timed decode (synchronized).  Before compiling, ``--eager-steps``
+eager decode steps run: the GWQ launcher times its candidate configs there, once per
+shape, and the compiled graph then launches the chosen ones (a traced call cannot time
+anything).  Each row records ``cudagraph_skips`` (Inductor's count of graphs it did not
+run as CUDA graphs; 0 means reduce-overhead really used them; run with
+``TORCH_LOGS=perf_hints`` to see why one was skipped).
 
-Results go to ``benchmarks/results/decode_<gpu>.md`` and ``.json`` with the device name,
-versions, date and command.  Without a CUDA GPU the script prints ``skip: no CUDA GPU``
+Results go to ``benchmarks/results/decode_<gpu>[_<mode>].md`` and ``.json`` with the device
+name, versions, date and command, rewritten after each variant (a run cut short keeps the
+variants it finished).  Without a CUDA GPU the script prints ``skip: no CUDA GPU``
 and exits 0.  ``--dry-run`` decodes a few tokens of a tiny model on CPU with the Triton
 interpreter (``GWQ_KERNEL=triton``; at most 2 layers, a 4-token prompt, 2 timed tokens),
 writing nothing.
@@ -57,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup-tokens", type=int, default=8)
+    p.add_argument("--eager-steps", type=int, default=1, help="eager decode steps before compiling (choose the GWQ kernel configs)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--outliers", type=float, default=0.01)
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
@@ -64,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="tiny model on CPU, GWQ_KERNEL=triton (Triton interpreter); writes nothing")
     args = p.parse_args(argv)
+    if args.eager_steps < 0:
+        p.error(f"--eager-steps must be >= 0, got {args.eager_steps}")
     for name in ("layers", "prompt_len", "new_tokens", "warmup_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -74,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.prompt_len = min(args.prompt_len, 4)
         args.new_tokens = min(args.new_tokens, 2)
         args.warmup_tokens = 1
+        args.eager_steps = min(args.eager_steps, 1)
     return args
 
 
@@ -139,7 +149,7 @@ def decode(args: argparse.Namespace, model: Any, device: Any) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def generate(n_tokens: int) -> tuple[float, list[int]]:
+    def generate(n_tokens: int, fn: Any = step) -> tuple[float, list[int]]:
         cache.reset()
         with torch.no_grad():
             positions = torch.arange(args.prompt_len, device=device)
@@ -150,13 +160,20 @@ def decode(args: argparse.Namespace, model: Any, device: Any) -> dict:
             tokens = []
             for i in range(n_tokens):
                 position = torch.tensor([args.prompt_len + i], device=device)
-                logits = step(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+                logits = fn(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
                 token = logits[:, -1:].argmax(-1).clone()  # clone: CUDA-graph outputs are overwritten
                 tokens.append(token)
             sync()
             elapsed = time.perf_counter() - start
         return elapsed, [int(t) for t in torch.cat(tokens, 1)[0].tolist()]
 
+    from torch._dynamo.utils import counters
+
+    t0 = time.perf_counter()
+    if args.eager_steps:
+        generate(args.eager_steps, forward)  # eager: the GWQ configs are timed and cached here
+    eager_s = time.perf_counter() - t0
+    skips_before = counters["inductor"]["cudagraph_skips"]
     t0 = time.perf_counter()
     generate(args.warmup_tokens)
     warmup_s = time.perf_counter() - t0
@@ -167,6 +184,8 @@ def decode(args: argparse.Namespace, model: Any, device: Any) -> dict:
         "tokens_per_s": args.new_tokens / elapsed,
         "ms_per_token": 1e3 * elapsed / args.new_tokens,
         "warmup_s": warmup_s,
+        "eager_tune_s": eager_s,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "first_tokens": tokens[:8],
     }
@@ -200,15 +219,15 @@ def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
         f"{args.group_size}, {args.outliers:.0%} random fp16 outliers, decoder linears only."
         + (" DRY RUN on CPU (interpreter): numbers are meaningless as speed." if args.dry_run else ""),
         "",
-        "| variant | tokens/s | ms/token | vs fp16 | decoder linear weights (GiB) | peak memory (GiB) | warm-up (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | tokens/s | ms/token | vs fp16 | decoder linear weights (GiB) | peak memory (GiB) | warm-up (s) | cudagraph skips |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
         peak = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
         lines.append(
             f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} | {speedup} | "
-            f"{r['decoder_linear_bytes_stored'] / 2**30:.3f} | {peak} | {r['warmup_s']:.1f} |"
+            f"{r['decoder_linear_bytes_stored'] / 2**30:.3f} | {peak} | {r['warmup_s']:.1f} | {r['cudagraph_skips']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -229,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}", flush=True)
     rows = []
+    suffix = "" if args.compile_mode == "default" else "_" + args.compile_mode
+    stem = args.out_dir / ("decode_" + re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower() + suffix)
     for variant in args.variants:
         model, sizes = build_model(args, VARIANTS[variant], device, dtype)
         torch._dynamo.reset()  # each variant compiles its own graph
@@ -239,16 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    text = markdown(rows, env, args)
+        if not args.dry_run:  # after every variant: a run cut short keeps what it measured
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            stem.with_suffix(".md").write_text(markdown(rows, env, args))
+            stem.with_suffix(".json").write_text(json.dumps({"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+            print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", flush=True)
     if args.dry_run:
-        print(text)
+        print(markdown(rows, env, args))
         print("dry run: nothing written")
-        return 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / ("decode_" + re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower())
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
-    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return 0
 
 

@@ -4,8 +4,9 @@ For the linear layers of Llama-2-7B (N x K = 4096 x 4096, 11008 x 4096, 4096 x 1
 and M in {1, 4, 16, 64, 256, 2048} rows, with 4- and 3-bit GWQ weights (group 128,
 1 % fp16 outliers), it times, side by side in one run and on the same inputs:
 
-* ``gwq``: :func:`gwq_compile.codegen.launch.gwq_linear_triton` (autotuned; the
-  autotuning happens in a warm-up call before timing), fp16 activations;
+* ``gwq``: :func:`gwq_compile.codegen.launch.gwq_linear_triton`, fp16 activations; its
+  first call (the correctness check, untimed) chooses the kernel config for the shape
+  once, and the config it chose is recorded with the row;
 * ``cublas``: ``torch.matmul(x, W.T)`` on the dense fp16 weight;
 * ``torchao int4``: ``torchao.quantization.quantize_`` with ``Int4WeightOnlyConfig``
   (tinygemm, ``tile_packed_to_4d``; group 128; bf16 activations, which tinygemm
@@ -20,7 +21,8 @@ come from HBM (see :func:`make_timer`); ``--timer eager`` uses
 ``triton.testing.do_bench``.  Speed-ups are ratios of times measured in this run.
 
 Results go to ``benchmarks/results/kernels_<gpu>.md`` and ``.json`` (command, device,
-torch/triton/torchao versions, date).  Without a CUDA GPU the script prints
+torch/triton/torchao versions, date), rewritten after every shape so that a run cut short
+(e.g. by a time limit) keeps what it measured.  Without a CUDA GPU the script prints
 ``skip: no CUDA GPU`` and exits 0.  ``--dry-run`` runs the same code on tiny shapes on
 CPU under the Triton interpreter (wall-clock timing, no torchao, nothing written).
 
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-torchao", action="store_true", help="skip the torchao int4 baseline")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph-calls", type=int, default=50, help="calls per CUDA graph in the cudagraph timer")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter); writes nothing")
     args = p.parse_args(argv)
     for s in args.shapes or []:
@@ -69,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--shapes: expected NxK like 4096x11008, got {s!r}")
     if not 0.0 <= args.outliers < 1.0:
         p.error(f"--outliers must be in [0, 1), got {args.outliers}")
+    if args.graph_calls < 1:
+        p.error(f"--graph-calls must be >= 1, got {args.graph_calls}")
     return args
 
 
@@ -103,7 +108,7 @@ def file_stem(device_name: str) -> str:
 # ----------------------------------------------------------------------------- timing and checks
 
 
-def make_timer(torch_mod: Any, kind: str, dry_run: bool) -> Callable[[Callable[[], Any]], float]:
+def make_timer(torch_mod: Any, kind: str, dry_run: bool, graph_calls: int = 50) -> Callable[[Callable[[], Any]], float]:
     """A function returning the median time of one ``fn()`` in microseconds.
 
     ``cudagraph``: ``fn`` is captured ``n`` times in a CUDA graph, each call preceded by a
@@ -155,7 +160,7 @@ def make_timer(torch_mod: Any, kind: str, dry_run: bool) -> Callable[[Callable[[
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        n = 50
+        n = graph_calls
         both = graph_us(lambda: (flush_buf.zero_(), fn()), n)
         flush_only = graph_us(flush_buf.zero_, n)
         return max(both - flush_only, 0.0)
@@ -210,7 +215,7 @@ def torchao_int4(torch_mod: Any, weight: Any, group_size: int) -> tuple[Any, str
 # ----------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save: Callable[[dict], None] = lambda result: None) -> dict:
     import torch
 
     from gwq_compile import packing
@@ -221,9 +226,10 @@ def run(args: argparse.Namespace) -> dict:
     act_dtype = torch.float32 if args.dry_run else torch.float16
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else (DRY_RUN_SHAPES if args.dry_run else LLAMA2_7B_SHAPES)
     ms = args.m or (DRY_RUN_M if args.dry_run else DEFAULT_M)
-    timer = make_timer(torch, args.timer, args.dry_run)
+    timer = make_timer(torch, args.timer, args.dry_run, args.graph_calls)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     rows, failures = [], []
+    result = {"rows": rows, "failures": failures, "torchao": "torchao int4: skipped"}
 
     for n, k in shapes:
         weight = (torch.randn(n, k, generator=gen) * 0.02).to(device)
@@ -237,6 +243,7 @@ def run(args: argparse.Namespace) -> dict:
             except RuntimeError as exc:
                 ao_label = str(exc)
                 print(f"note: {ao_label}", file=sys.stderr)
+        result["torchao"] = ao_label
         packed = {b: packing.quantize_weight(weight, mask, bits=b, group_size=args.group_size) for b in args.bits}
         w_ref = {b: packing.dequantize_weight(p) for b, p in packed.items()}
 
@@ -249,7 +256,12 @@ def run(args: argparse.Namespace) -> dict:
                 t_ao = timer(lambda: ao_lin(x_bf16))
             for b, p in packed.items():
                 args_b = (x, *p[:6], None, p.bits, p.group_size, p.in_features)
-                ratio = max_error_ratio(torch, launch.gwq_linear_triton(*args_b), x, w_ref[b], k)
+                known = set(launch.CHOSEN)
+                t0 = time.perf_counter()
+                y = launch.gwq_linear_triton(*args_b)  # first call of this shape: the config is chosen here
+                choose_s = time.perf_counter() - t0
+                chosen = [f"{key[0]} {_cfg(cfg, tuned)}" for key, (cfg, tuned) in launch.CHOSEN.items() if key not in known]
+                ratio = max_error_ratio(torch, y, x, w_ref[b], k)
                 ok = ratio <= 1.0
                 if not ok:
                     failures.append(f"{n}x{k} bits={b} M={m}: error x{ratio:.3g} over the bound")
@@ -259,10 +271,17 @@ def run(args: argparse.Namespace) -> dict:
                     gwq_us=t_gwq, cublas_us=t_cublas, torchao_int4_us=t_ao,
                     speedup_vs_cublas=t_cublas / t_gwq, speedup_vs_torchao=(t_ao / t_gwq) if t_ao else None,
                     bits_per_weight=sum(packing.storage_bits(p).values()) / (n * k),
+                    config="; ".join(chosen) or "cached", first_call_s=choose_s,
                 )  # fmt: skip
                 rows.append(row)
-                print(_row_line(row), flush=True)
-    return {"rows": rows, "failures": failures, "torchao": ao_label}
+                print(_row_line(row), f"first call {choose_s:.1f} s", flush=True)
+        save(result)
+    return result
+
+
+def _cfg(cfg: Any, tuned: bool) -> str:
+    knobs = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return f"{knobs},warps={cfg.num_warps},stages={cfg.num_stages}" + ("" if tuned else " (default, untuned)")
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -273,7 +292,7 @@ def _row_line(r: dict) -> str:
     return (
         f"| {r['n']}x{r['k']} | {r['bits']} | {r['m']} | {r['path']} | {_fmt(r['gwq_us'], '.1f')} | {_fmt(r['cublas_us'], '.1f')} "
         f"| {_fmt(r['torchao_int4_us'], '.1f')} | {_fmt(r['speedup_vs_cublas'], '.2f')} | {_fmt(r['speedup_vs_torchao'], '.2f')} "
-        f"| {r['bits_per_weight']:.2f} | {'ok' if r['correct'] else 'FAIL'} ({r['error_ratio']:.2g}) |"
+        f"| {r['bits_per_weight']:.2f} | {'ok' if r['correct'] else 'FAIL'} ({r['error_ratio']:.2g}) | {r['config']} |"
     )
 
 
@@ -298,8 +317,8 @@ def markdown(result: dict, env: dict, args: argparse.Namespace) -> str:
         f"GWQ: group {args.group_size}, {args.outliers:.0%} fp16 outliers, {_setup(args, result)}",
         "Check: GWQ output vs fp64 reference, error / tolerance bound in parentheses (<= 1 passes).",
         "",
-        "| N x K | bits | M | path | GWQ (us) | cuBLAS fp16 (us) | torchao int4 (us) | vs cuBLAS | vs torchao | bits/weight | check |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N x K | bits | M | path | GWQ (us) | cuBLAS fp16 (us) | torchao int4 (us) | vs cuBLAS | vs torchao | bits/weight | check | config chosen |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + [_row_line(r) for r in result["rows"]]) + "\n"
 
@@ -313,17 +332,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = environment(torch)
     print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, torchao {env['torchao']}", flush=True)
-    result = run(args)
+    stem = args.out_dir / file_stem(env["device"])
+
+    def save(result: dict) -> None:
+        if args.dry_run:
+            return
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".md").write_text(markdown(result, env, args))
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2))
+
+    result = run(args, save)
     for f in result["failures"]:
         print(f"FAILED correctness: {f}", file=sys.stderr)
     if args.dry_run:
         print(markdown(result, env, args))
         print("dry run: nothing written")
     else:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = args.out_dir / file_stem(env["device"])
-        stem.with_suffix(".md").write_text(markdown(result, env, args))
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "settings": {k: str(v) for k, v in vars(args).items()}, **result}, indent=2))
+        save(result)
         print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
     return 1 if result["failures"] else 0
 

@@ -1,36 +1,43 @@
 """Thin launchers for the GWQ Triton kernels and the ``gwq::linear_triton`` op.
 
-:func:`gwq_linear_triton` takes exactly the arguments of ``torch.ops.gwq.linear``
-(plus two keyword-only knobs for tests and benchmarks), checks them, flattens the
-leading dims of ``x``, picks the kernel family, allocates the output and launches.
+:func:`gwq_linear_triton` takes exactly the arguments of ``torch.ops.gwq.linear`` (plus
+two keyword-only knobs for tests and benchmarks), checks them, flattens the leading dims
+of ``x``, picks the kernel family and its config, allocates the output and launches.
 
 Kernel family (chosen by :func:`gwq_compile.dispatch.triton_family`, the one place that
-decides paths): ``M <= SMALL_M_MAX`` (16) rows go to the GEMV / split-K kernel, larger M to
-the dense path (a Triton kernel dequantizes the weight, outliers included, into x's dtype,
-then ``F.linear``/cuBLAS multiplies); the fused tiled ``tl.dot`` GEMM stays available as
-``path="gemm"`` (``path=`` forces any of the three).  The two fused families read the
-CSR outliers in-kernel (see :mod:`gwq_compile.codegen.kernels`).
+decides paths): ``M <= SMALL_M_MAX`` (16) rows go to the fused GEMV
+(:mod:`~gwq_compile.codegen.gemv`), larger M to the dense path
+(:mod:`~gwq_compile.codegen.dequant`: one kernel writes the dense weight, outliers
+included, in x's dtype; then ``F.linear``/cuBLAS multiplies).
+
+Config choice, once per shape (:func:`choose_config`): the first call for a key (family,
+device, x dtype, N, K, rows per program, bits, group size, outliers, bias) on real CUDA
+tensors times the family's candidate configs once (``triton.testing.do_bench``; split-K
+candidates are timed with their memset and cast) and keeps the fastest in
+:data:`CHOSEN`.  Later calls look the key up in that dict and launch the plain
+``@triton.jit`` kernel with it: no ``triton.autotune`` dispatch per call.  Where nothing
+can be timed (the call is being traced by torch.compile, captured in a CUDA graph, runs
+on the interpreter, or ``GWQ_TUNE=0``) the family's ``default_config`` is used (a
+``SPLIT_K=1`` GEMV: one launch, nothing allocated but the output) and a later eager call
+may still tune that key.
 
 Inputs: ``x`` may have any leading dims and any strides.  It is flattened with
-``x.reshape(-1, K)`` (a view whenever the leading dims can be merged, which includes
-every slice along K or a transposed 2-D input) and *both* strides are passed to the
-kernel, so non-contiguous activations are not copied.  The weight fields must be
-contiguous (they are, as produced by :mod:`gwq_compile.packing`).
+``x.reshape(-1, K)`` (a view whenever the leading dims can be merged) and *both* strides
+are passed to the kernel, so non-contiguous activations are not copied.  The weight
+fields must be contiguous (they are, as produced by :mod:`gwq_compile.packing`).
 
 Devices: CUDA tensors run the compiled kernels; CPU tensors run them on the Triton
-interpreter.  Triton fixes that choice when ``@triton.jit`` decorates a function (for
-its own ``tl.*`` library: when triton is first imported), so this module keeps one copy
-of :mod:`gwq_compile.codegen.kernels` per mode and loads the interpreted one on demand;
-no ``TRITON_INTERPRET`` is needed for CPU tensors.  (With ``TRITON_INTERPRET=1`` set
-before triton's import, everything, CUDA tensors included, runs on the interpreter.)
-Nothing here needs a GPU, or even ``triton``, at import time.
+interpreter.  Triton fixes that choice when ``@triton.jit`` decorates a function, so
+:func:`kernel_modules` keeps one copy of the kernel modules per mode and loads the
+interpreted one on demand; no ``TRITON_INTERPRET`` is needed for CPU tensors.  Nothing
+here needs a GPU, or even ``triton``, at import time.
 
-Registration: ``torch.ops.gwq.linear_triton`` is a ``torch.library.triton_op`` whose
-body launches the kernels through ``torch.library.wrap_triton``, so Inductor sees (and
-can fuse around) the kernel inside compiled graphs on CUDA.  On CPU, a triton_op
-cannot run inside ``torch.compile`` (the interpreter needs real data pointers), so CPU
-callers use ``torch.ops.gwq.linear`` (an opaque custom op that calls
-:func:`gwq_linear_triton`), which works eagerly and compiled.
+Registration: ``torch.ops.gwq.linear_triton`` is a ``torch.library.triton_op`` whose body
+launches the kernels through ``torch.library.wrap_triton``, so Inductor sees the kernels
+inside compiled graphs on CUDA (and CUDA graphs can capture them: the body allocates only
+its outputs and never syncs).  On CPU a triton_op cannot run inside ``torch.compile``
+(the interpreter needs real data pointers), so CPU callers use ``torch.ops.gwq.linear``
+(an opaque op that calls :func:`gwq_linear_triton`).
 
 Example:
     >>> import torch
@@ -53,26 +60,26 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from types import ModuleType
-from typing import Callable, Optional
+from types import ModuleType, SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
 
 from gwq_compile import dispatch, ops, packing
 
-__all__ = ["gwq_dequantize_triton", "gwq_linear_triton", "kernels_module", "triton_interpreting", "use_interpreter"]
+__all__ = ["CHOSEN", "choose_config", "gwq_dequantize_triton", "gwq_linear_triton", "kernel_modules", "triton_interpreting", "use_interpreter"]
 
-_KERNELS = "gwq_compile.codegen.kernels"
+_PACKAGE = "gwq_compile.codegen"
+#: Kernel modules in import order (each imports the helper module before it).
+_MODULES = ("unpack", "gemv", "dequant")
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_loaded: dict[bool, ModuleType] = {}
-_CONFIG_KEYS = {
-    "dense": {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"},
-    "splitk": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages"},
-    "gemm": {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"},
-}
+TUNE_ENV = "GWQ_TUNE"
+_loaded: dict[bool, SimpleNamespace] = {}
+#: ``key -> (config, tuned)`` for every shape seen; ``tuned`` is False for a default config.
+CHOSEN: dict[tuple, tuple[Any, bool]] = {}
 
 
-# ----------------------------------------------------------------------------- kernel module / interpreter
+# ----------------------------------------------------------------------------- kernel modules / interpreter
 
 
 def _require_triton() -> ModuleType:
@@ -87,12 +94,8 @@ def _require_triton() -> ModuleType:
 
 
 def triton_interpreting() -> bool:
-    """Whether triton itself was imported for the interpreter (``TRITON_INTERPRET=1``).
-
-    Triton decorates its own ``tl.*`` library for the compiler or the interpreter when it
-    is first imported (``import gwq_compile`` imports it, through torchao), so this checks
-    the library rather than the environment.  In such a process every kernel runs on
-    the interpreter, CUDA tensors included (through host copies): a debugging mode.
+    """Whether triton itself was imported for the interpreter (``TRITON_INTERPRET=1``): then
+    every kernel runs on the interpreter, CUDA tensors included (a debugging mode).
 
     Example:
         >>> from gwq_compile.codegen.launch import triton_interpreting
@@ -121,17 +124,39 @@ def _interpret_env(interpret: bool) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = old
 
 
-def kernels_module(interpret: bool) -> ModuleType:
-    """:mod:`gwq_compile.codegen.kernels` decorated for the interpreter or the compiler.
+def _private_copies(interpret: bool) -> dict[str, ModuleType]:
+    """Load every kernel module again under private names, decorated for ``interpret``.
+    While a family module runs its ``from gwq_compile.codegen.unpack import ...``, the
+    regular name points at the private helper copy, so the copies only call each other."""
+    copies: dict[str, ModuleType] = {}
+    suffix = "interpreted" if interpret else "compiled"
+    saved = {n: sys.modules.get(f"{_PACKAGE}.{n}") for n in _MODULES}
+    try:
+        for name in _MODULES:
+            regular = importlib.util.find_spec(f"{_PACKAGE}.{name}")
+            spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}_{suffix}", regular.origin)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            sys.modules[f"{_PACKAGE}.{name}"] = module
+            spec.loader.exec_module(module)
+            copies[name] = module
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(f"{_PACKAGE}.{name}", None)
+            else:
+                sys.modules[f"{_PACKAGE}.{name}"] = module
+    return copies
 
-    The regular module is used when its mode fits (it is imported under the wanted mode
-    if nobody imported it yet); otherwise a private copy is loaded with
-    ``TRITON_INTERPRET`` set accordingly for the duration of that import.  This works
-    because the kernels call only triton builtins (see :mod:`~gwq_compile.codegen.kernels`).
+
+def kernel_modules(interpret: bool) -> SimpleNamespace:
+    """The kernel modules (``.unpack``, ``.gemv``, ``.dequant``) decorated for the
+    interpreter or the compiler: the regular modules when their mode fits (imported
+    under the wanted mode if nobody imported them yet), else private copies.
 
     Example:
-        >>> from gwq_compile.codegen.launch import kernels_module
-        >>> kernels_module(interpret=True).INTERPRETED
+        >>> from gwq_compile.codegen.launch import kernel_modules
+        >>> kernel_modules(interpret=True).gemv.INTERPRETED
         True
     """
     if interpret in _loaded:
@@ -140,20 +165,16 @@ def kernels_module(interpret: bool) -> ModuleType:
     if not interpret and triton_interpreting():
         raise RuntimeError("triton was imported with TRITON_INTERPRET=1: GWQ kernels can only run on the interpreter here")
     with _interpret_env(interpret):
-        module = sys.modules.get(_KERNELS) or importlib.import_module(_KERNELS)
-        if module.INTERPRETED != interpret:
-            name = f"{_KERNELS}_{'interpreted' if interpret else 'compiled'}"
-            spec = importlib.util.spec_from_file_location(name, module.__file__)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-    if module.INTERPRETED != interpret:  # e.g. triton.knobs.runtime.interpret forced in code
+        modules = {n: importlib.import_module(f"{_PACKAGE}.{n}") for n in _MODULES}
+        if any(m.INTERPRETED != interpret for m in modules.values()):
+            modules = _private_copies(interpret)
+    if any(m.INTERPRETED != interpret for m in modules.values()):  # e.g. triton.knobs.runtime.interpret forced in code
         raise RuntimeError(
             f"could not decorate the GWQ kernels for the {'interpreter' if interpret else 'compiler'}: "
             "triton.knobs.runtime.interpret seems to be overridden in code; leave the choice to TRITON_INTERPRET"
         )
-    _loaded[interpret] = module
-    return module
+    _loaded[interpret] = SimpleNamespace(**modules)
+    return _loaded[interpret]
 
 
 def use_interpreter(device: torch.device) -> bool:
@@ -206,45 +227,73 @@ def _check(x: torch.Tensor, p: packing.PackedWeight, bias: Optional[torch.Tensor
         raise TypeError(f"gwq_linear_triton: outlier_col_idx must be int32 when in_features > 32767, got {p.outlier_col_idx.dtype}")
 
 
-def _check_config(config: Mapping[str, int], path: str, block_m: int) -> dict[str, int]:
-    unknown = set(config) - _CONFIG_KEYS[path]
+def _forced_config(config: Mapping[str, int], family: str, module: ModuleType, block_m: int) -> Any:
+    """An explicit config (tests, benchmarks) checked against the family's knobs."""
+    triton = _require_triton()
+    unknown = set(config) - set(module.KNOBS)
     if unknown:
-        raise ValueError(f"gwq_linear_triton: config keys {sorted(unknown)} are not knobs of the {path} kernel ({sorted(_CONFIG_KEYS[path])})")
-    cfg = dict(config)
-    required = {"BLOCK_N", "BLOCK_K"} | {"splitk": {"SPLIT_K"}, "gemm": {"BLOCK_M"}, "dense": set()}[path]
-    missing = required - set(cfg)
-    if missing:
-        raise ValueError(f"gwq_linear_triton: config for the {path} kernel lacks {sorted(missing)}")
-    if path != "dense":
-        cfg.setdefault("BLOCK_M", block_m)  # split-K: from M unless forced
-    if path == "gemm":
-        cfg.setdefault("GROUP_M", 8)
+        raise ValueError(f"gwq_linear_triton: config keys {sorted(unknown)} are not knobs of the {family} kernel ({sorted(module.KNOBS)})")
+    kw = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    required = {"BLOCK_N", "BLOCK_K"}
+    if required - set(kw):
+        raise ValueError(f"gwq_linear_triton: config for the {family} kernel lacks {sorted(required - set(kw))}")
+    kw.setdefault("SPLIT_K" if family == "gemv" else "K_TILES", 1)
+    if family == "gemv":
+        kw.setdefault("BLOCK_M", block_m)
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        if key not in cfg:
+        if key in kw and (kw[key] < 1 or kw[key] & (kw[key] - 1)):
+            raise ValueError(f"gwq_linear_triton: config {key} must be a power of two, got {kw[key]}")
+    if kw["BLOCK_K"] < 8:
+        raise ValueError(f"gwq_linear_triton: BLOCK_K must be >= 8 (a byte of the 1-bit plane), got {kw['BLOCK_K']}")
+    if family == "gemv" and kw["BLOCK_M"] >= 16 and min(kw["BLOCK_N"], kw["BLOCK_K"]) < 16:
+        raise ValueError(f"gwq_linear_triton: tl.dot (BLOCK_M >= 16) needs BLOCK_N and BLOCK_K >= 16, got {kw}")
+    if kw.get("SPLIT_K", 1) < 1 or kw.get("K_TILES", 1) < 1:
+        raise ValueError(f"gwq_linear_triton: config SPLIT_K / K_TILES must be >= 1, got {kw}")
+    return triton.Config(kw, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+
+
+# ----------------------------------------------------------------------------- config choice, once per shape
+
+
+def _can_time(x: torch.Tensor, interpret: bool) -> bool:
+    """Whether candidate configs can be timed now: real CUDA tensors, run eagerly."""
+    if interpret or x.device.type != "cuda" or type(x) is not torch.Tensor or os.environ.get(TUNE_ENV, "1") == "0":
+        return False
+    return not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+
+
+def choose_config(key: tuple, default: Callable[[], Any], candidates: Callable[[], list], run: Callable[[Any], Any], can_time: bool) -> Any:
+    """The config for ``key``: a dict lookup after the first call.  The first call that
+    ``can_time`` times every candidate with ``run(config)`` (all launches it needs) and
+    keeps the fastest; otherwise ``default()`` is kept, to be tuned by a later eager call."""
+    hit = CHOSEN.get(key)
+    if hit is not None and (hit[1] or not can_time):
+        return hit[0]
+    if not can_time:
+        CHOSEN[key] = (default(), False)
+        return CHOSEN[key][0]
+    import triton.testing  # noqa: PLC0415
+
+    best, best_ms = None, float("inf")
+    for config in candidates():
+        try:
+            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 - a candidate that fails to compile (e.g. out of shared memory) is skipped
             continue
-        value = cfg[key]
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"gwq_linear_triton: config {key} must be a power of two, got {value}")
-    uses_dot = path == "gemm" or (path == "splitk" and cfg["BLOCK_M"] >= 16)
-    if uses_dot and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
-        raise ValueError(f"gwq_linear_triton: tl.dot needs BLOCK_M, BLOCK_N, BLOCK_K >= 16, got {cfg}")
-    if path == "dense" and cfg["BLOCK_K"] < 8:
-        raise ValueError(f"gwq_linear_triton: the dense path needs BLOCK_K >= 8 (a byte of the 1-bit plane), got {cfg['BLOCK_K']}")
-    if cfg.get("SPLIT_K", 1) < 1:
-        raise ValueError(f"gwq_linear_triton: config SPLIT_K must be >= 1, got {cfg['SPLIT_K']}")
-    return cfg
+        if ms < best_ms:
+            best, best_ms = config, ms
+    CHOSEN[key] = (best if best is not None else default(), True)
+    return CHOSEN[key][0]
 
 
 # ----------------------------------------------------------------------------- launch
 
 
-def _launch(
-    wrap: Callable[[object], object],
-    x: torch.Tensor,
-    *args,
-    path: str = "auto",
-    config: Optional[Mapping[str, int]] = None,
-) -> torch.Tensor:
+def _identity(kernel: object) -> object:
+    return kernel
+
+
+def _launch(wrap: Callable[[object], object], x: torch.Tensor, *args, path: str = "auto", config: Optional[Mapping[str, int]] = None) -> torch.Tensor:
     """Shared body of the plain launcher and the triton_op; ``wrap`` is identity or
     ``wrap_triton`` (which must not see interpreted kernels).  ``args``: ``ops.STORED_SCHEMA`` after ``x``."""
     triton = _require_triton()
@@ -257,104 +306,93 @@ def _launch(
             "gwq_linear_triton: bfloat16 activations need a GPU: the Triton interpreter used for CPU tensors "
             "computes with numpy, which has no bfloat16 (use float16/float32 or GWQ_KERNEL=reference)"
         )
-    mod = kernels_module(interpret)
+    mods = kernel_modules(interpret)
     if interpret:
         wrap = _identity
-
     n = packed_codes.shape[0]
     x2 = x.reshape(-1, k)  # a view whenever possible: strides go to the kernel, no copy
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
+    family = dispatch.triton_family(m, path)
     if m == 0 or n == 0:
         return x.new_zeros(out_shape)
-    # The kernels index every weight field and the bias with unit inner stride (no-ops
-    # for tensors from gwq_compile.packing).
-    codes, scales, zeros = packed_codes.contiguous(), group_scales.contiguous(), group_zeros.contiguous()
-    row_ptr, col_idx, values = outlier_row_ptr.contiguous(), outlier_col_idx.contiguous(), outlier_values.contiguous()
-    plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
-    has_outliers = values.numel() > 0
-    bias_arg = bias.contiguous() if bias is not None else x2  # x2 is never read when HAS_BIAS is False
-    chosen = dispatch.triton_family(m, path)
-    common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers)
-
-    if chosen == "splitk":
-        block_m = min(16, triton.next_power_of_2(m))
-        workspace = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        args = (
-            x2, codes, scales, zeros, row_ptr, col_idx, values, bias_arg, workspace,
-            m, n, k, plane1_offset,
-            x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0), workspace.stride(0),
-        )  # fmt: skip
-        if config is None:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(m, block_m))  # noqa: E731
-            wrap(mod.gwq_splitk_autotuned)[grid](*args, **common, BLOCK_M=block_m)
-        else:
-            cfg = _check_config(config, "splitk", block_m)
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(m, cfg["BLOCK_M"]))
-            wrap(mod.gwq_splitk_kernel)[grid](*args, **common, **cfg)
-        out = workspace if x.dtype == torch.float32 else workspace.to(x.dtype)
-    elif chosen == "dense":
-        # W = dequant(codes) + scatter(outliers) in x's dtype (two launches), then cuBLAS.
-        weight = _dequantize(wrap, mod, codes, scales, zeros, row_ptr, col_idx, values, bits, group_size, k, x.dtype, config)
+    # The kernels index every weight field and the bias with unit inner stride (no-ops for
+    # tensors from gwq_compile.packing).
+    fields = [t.contiguous() for t in (packed_codes, group_scales, group_zeros, outlier_row_ptr, outlier_col_idx, outlier_values)]
+    if family == "dense":
+        weight = _dequantize(wrap, mods.dequant, *fields, bits, group_size, k, x.dtype, config, _can_time(x, interpret))
         # fp32 x: torch.matmul's default fp32 product (TF32 only if the user enabled it).
-        out = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype))
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        m_bucket = min(4096, max(16, triton.next_power_of_2(m)))
-        args = (
-            x2, codes, scales, zeros, row_ptr, col_idx, values, bias_arg, out,
-            m, n, k, plane1_offset, m_bucket,
-            x2.stride(0), x2.stride(1), codes.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        return torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(x.dtype)).reshape(out_shape)
+
+    gemv = mods.gemv
+    block_m = gemv.block_m_for(m)
+    plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
+    has_bias, has_outliers = bias is not None, fields[5].numel() > 0
+    bias_arg = bias.contiguous() if has_bias else x2  # never read when HAS_BIAS is False
+    common = dict(BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=has_bias, HAS_OUTLIERS=has_outliers)
+
+    def run(cfg: Any) -> torch.Tensor:
+        kw = {"BLOCK_M": block_m, **cfg.kwargs}
+        split = kw["SPLIT_K"] > 1
+        # SPLIT_K > 1 adds fp32 partial sums atomically: a zeroed fp32 output (cast below).
+        out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split else torch.empty(m, n, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(n, kw["BLOCK_N"]), kw["SPLIT_K"], triton.cdiv(m, kw["BLOCK_M"]))
+        wrap(gemv.gwq_gemv_kernel)[grid](
+            x2, *fields, bias_arg, out, m, n, k, plane1_offset,
+            x2.stride(0), x2.stride(1), fields[0].stride(0), fields[1].stride(0), fields[2].stride(0), out.stride(0),
+            **common, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        if config is None:
-            grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            wrap(mod.gwq_gemm_autotuned)[grid](*args, **common)
-        else:
-            cfg = _check_config(config, "gemm", 32)
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            wrap(mod.gwq_gemm_kernel)[grid](*args, **common, **cfg)
-    return out.reshape(out_shape)
+        return out.to(x.dtype) if split else out
+
+    if config is not None:
+        cfg = _forced_config(config, "gemv", gemv, block_m)
+    else:
+        key = ("gemv", x.device.index, x.dtype, n, k, block_m, bits, group_size, has_outliers, has_bias)
+        cfg = choose_config(
+            key,
+            lambda: gemv.default_config(n, k, block_m, group_size),
+            lambda: gemv.prune(gemv.configs(), n, k, block_m, group_size),
+            run,
+            _can_time(x, interpret),
+        )
+    return run(cfg).reshape(out_shape)
 
 
 def _dequantize(
-    wrap: Callable[[object], object],
-    mod: ModuleType,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    row_ptr: torch.Tensor,
-    col_idx: torch.Tensor,
-    values: torch.Tensor,
-    bits: int,
-    group_size: int,
-    k: int,
-    dtype: torch.dtype,
-    config: Optional[Mapping[str, int]],
-) -> torch.Tensor:
-    """Dense ``[N, K]`` weight in ``dtype``: the dequantization kernel, then the outlier scatter."""
+    wrap: Callable[[object], object], mod: ModuleType, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, bits: int, group_size: int, k: int,
+    dtype: torch.dtype, config: Optional[Mapping[str, int]], can_time: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Dense ``[N, K]`` weight in ``dtype``, outliers included: one launch."""
     triton = _require_triton()
     n = codes.shape[0]
-    weight = torch.empty(n, k, device=codes.device, dtype=dtype)
     plane1_offset = packing.plane_offsets(k, bits)[1] if bits == 3 else 0
-    args = (codes, scales, zeros, weight, n, k, plane1_offset, codes.stride(0), scales.stride(0), zeros.stride(0), weight.stride(0))
-    if config is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-        wrap(mod.gwq_dequant_autotuned)[grid](*args, BITS=bits, GROUP_SIZE=group_size)
+    has_outliers = values.numel() > 0
+
+    def run(cfg: Any) -> torch.Tensor:
+        weight = torch.empty(n, k, device=codes.device, dtype=dtype)
+        span = cfg.kwargs["BLOCK_K"] * cfg.kwargs["K_TILES"]
+        wrap(mod.gwq_dequant_kernel)[(triton.cdiv(n, cfg.kwargs["BLOCK_N"]), triton.cdiv(k, span))](
+            codes, scales, zeros, row_ptr, col_idx, values, weight,
+            n, k, plane1_offset, codes.stride(0), scales.stride(0), zeros.stride(0), weight.stride(0),
+            BITS=bits, GROUP_SIZE=group_size, HAS_OUTLIERS=has_outliers,
+            **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return weight
+
+    if config is not None:
+        cfg = _forced_config(config, "dense", mod, 0)
     else:
-        cfg = _check_config(config, "dense", 0)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
-        wrap(mod.gwq_dequant_kernel)[grid](*args, BITS=bits, GROUP_SIZE=group_size, **cfg)
-    if values.numel():
-        rows_per_program = 128
-        wrap(mod.gwq_scatter_outliers_kernel)[(triton.cdiv(n, rows_per_program),)](
-            row_ptr, col_idx, values, weight, n, weight.stride(0), BLOCK_N=rows_per_program
+        key = ("dense", codes.device.index, dtype, n, k, bits, group_size, has_outliers)
+        cfg = choose_config(
+            key, lambda: mod.default_config(n, k, group_size), lambda: mod.prune(mod.configs(), n, k, group_size), run, can_time
         )
-    return weight
+    return run(cfg)
 
 
 def gwq_dequantize_triton(packed: packing.PackedWeight, dtype: torch.dtype = torch.float32, config: Optional[Mapping[str, int]] = None) -> torch.Tensor:
-    """The dense weight ``dequant(codes) + scatter(outliers)`` computed by the Triton kernels
-    of the dense path (compiled on CUDA, interpreted on CPU); equal to
+    """The dense weight ``dequant(codes) + scatter(outliers)`` computed by the dense path's
+    kernel (compiled on CUDA, interpreted on CPU); equal to
     :func:`gwq_compile.packing.dequantize_weight` in fp32.
 
     Example:
@@ -370,33 +408,29 @@ def gwq_dequantize_triton(packed: packing.PackedWeight, dtype: torch.dtype = tor
     if interpret and dtype == torch.bfloat16:
         raise TypeError("gwq_dequantize_triton: bfloat16 needs a GPU (the Triton interpreter has no bfloat16)")
     fields = [t.contiguous() for t in packed[:6]]
-    return _dequantize(_identity, kernels_module(interpret), *fields, packed.bits, packed.group_size, packed.in_features, dtype, config)
-
-
-def _identity(kernel: object) -> object:
-    return kernel
+    can_time = not interpret and os.environ.get(TUNE_ENV, "1") != "0" and not torch.cuda.is_current_stream_capturing()
+    return _dequantize(_identity, kernel_modules(interpret).dequant, *fields, packed.bits, packed.group_size, packed.in_features, dtype, config, can_time)
 
 
 def gwq_linear_triton(x: torch.Tensor, *args, path: str = "auto", config: Optional[Mapping[str, int]] = None) -> torch.Tensor:
-    """GWQ linear ``x @ W.T + bias`` with the fused Triton kernels.
+    """GWQ linear ``x @ W.T + bias`` with the Triton kernels.
 
     Args:
         x: activations ``[..., in_features]``, fp16/bf16/fp32, any strides; the output
             has ``x``'s dtype and leading dims.
         args: the rest of ``torch.ops.gwq.linear``'s arguments (:data:`gwq_compile.ops.STORED_SCHEMA`):
             the six tensors of the packed weight (:class:`gwq_compile.packing.PackedWeight`),
-            ``bias`` (optional ``[out_features]``, added in fp32 at the store), ``bits``,
-            ``group_size`` (-1 means per channel) and ``in_features``.
-        path: ``"auto"`` (``M <= 16`` -> split-K, else dense), ``"splitk"``, ``"gemm"``
-            (fused tiled kernel) or ``"dense"`` (dequantize, then ``F.linear``).
+            ``bias`` (optional ``[out_features]``), ``bits``, ``group_size`` (-1 means per
+            channel) and ``in_features``.
+        path: ``"auto"`` (``M <= 16`` -> GEMV, else dense), ``"gemv"`` or ``"dense"``.
         config: explicit tile knobs (e.g. ``{"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}``)
-            that bypass autotuning; for tests and benchmarks.
+            that bypass the config choice; for tests and benchmarks.
 
     Example:
         >>> import torch
         >>> from gwq_compile import packing
         >>> p = packing.quantize_weight(torch.randn(40, 64), None, bits=4, group_size=32)
-        >>> y = gwq_linear_triton(torch.randn(3, 64), *p[:6], None, 4, 32, 64, path="gemm")
+        >>> y = gwq_linear_triton(torch.randn(3, 64), *p[:6], None, 4, 32, 64, path="dense")
         >>> y.shape
         torch.Size([3, 40])
     """

@@ -17,7 +17,7 @@ weight layout                     ``GWQ_KERNEL`` unset / ``cpu``   ``reference``
 The CPU path runs the compiled kernel (:func:`cpu_kernel`: ``"ext"``) or, with
 ``GWQ_KERNEL=cpu_aten`` or without a compiler (one warning), the same computation in ATen
 ops.  ``GWQ_KERNEL=cpu`` on a weight without the CPU layout, or without the compiled
-kernel, is an error, never a quiet fallback.  Within Triton, :func:`triton_family` picks the kernel family from M (the split-K
+kernel, is an error, never a quiet fallback.  Within Triton, :func:`triton_family` picks the kernel family from M (the fused
 GEMV for ``M <= SMALL_M_MAX``, else dequantize + cuBLAS).  Calls of the CPU fast path are
 counted in :data:`CALLS` (tests use it to prove the fast path ran).
 
@@ -28,7 +28,7 @@ Example:
     >>> dispatch.path(torch.randn(1, 128), w)
     'cpu_int4'
     >>> dispatch.triton_family(1), dispatch.triton_family(17)
-    ('splitk', 'dense')
+    ('gemv', 'dense')
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ KERNEL_ENV = "GWQ_KERNEL"
 KERNEL_CHOICES = ("", "reference", "triton", "cpu", "cpu_aten")
 #: What :func:`path` returns.
 PATHS = ("cpu_int4", "triton", "reference")
-#: Rows up to which the Triton GEMV / split-K family is used (decode and small batches).
+#: Rows up to which the fused Triton GEMV family is used (decode and small batches).
 SMALL_M_MAX = 16
 #: Values of the Triton launcher's ``path`` argument.
-TRITON_FAMILIES = ("auto", "splitk", "gemm", "dense")
+TRITON_FAMILIES = ("auto", "gemv", "dense")
 #: Calls of each fast path actually run (not traced): ``CALLS["cpu_int4"]`` (of which
 #: ``"cpu_int4_ext"`` / ``"cpu_int4_aten"`` by kernel).
 CALLS: collections.Counter = collections.Counter()
@@ -113,14 +113,15 @@ def stored_kernel(x: torch.Tensor) -> str:
 
 
 def triton_family(m: int, family: str = "auto") -> str:
-    """The Triton kernel family for ``m`` rows: ``"splitk"`` for ``m <= SMALL_M_MAX``, else
-    ``"dense"`` (dequantize to a dense weight, then cuBLAS); ``"gemm"``, the fused tiled
-    kernel, only when asked for (it measured 5-30x slower than cuBLAS on an H100)."""
+    """The Triton kernel family for ``m`` rows: ``"gemv"`` (:mod:`gwq_compile.codegen.gemv`) for
+    ``m <= SMALL_M_MAX``, else ``"dense"`` (:mod:`gwq_compile.codegen.dequant`: dequantize to a
+    dense weight, then cuBLAS).  A fused tiled GEMM measured 5-30x slower than cuBLAS on an
+    H100 at every M >= 64 and was deleted."""
     if family not in TRITON_FAMILIES:
         raise ValueError(f"gwq_linear_triton: path must be one of {TRITON_FAMILIES}, got {family!r}")
     if family != "auto":
         return family
-    return "splitk" if m <= SMALL_M_MAX else "dense"
+    return "gemv" if m <= SMALL_M_MAX else "dense"
 
 
 def graph_op(weight) -> tuple[torch._ops.OpOverload, dict[str, torch.Tensor]]:

@@ -260,6 +260,7 @@ def _source_digest() -> str:
     from gwq_compile import cpu_kernel  # noqa: PLC0415
 
     files = [Path(m.__file__) for m in (sys.modules[__name__], dispatch, _ops, cpu_layout, packing, _launch)] + [cpu_kernel.SOURCE]
+    files += sorted(Path(_launch.__file__).parent.glob("*.py"))  # the Triton kernels themselves
     digest = hashlib.blake2b(digest_size=16)
     for f in files:
         digest.update(f.read_bytes())

@@ -43,37 +43,47 @@ ON_CPU = DEVICE.type == "cpu"
 ACT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not ON_CPU else [])
 ROUND = {torch.float32: 0.0, torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-8}
 
-# Explicit tile configs per kernel family (None = the autotuned entry point, which is a
-# single config under the interpreter).  They cover: split-K 1/2/3, the GEMV and the
-# tl.dot form of the small-M kernel, several M blocks, K tiles that are and are not
-# aligned with 32/64/128-groups, and GEMM tiles from 16 to 128.
+# Explicit tile configs per kernel family (None = the config the launcher chooses, the
+# single candidate under the interpreter).  They cover: split-K 1/2/3 (direct store and
+# atomic adds), the GEMV and the tl.dot form of the small-M kernel, several M blocks,
+# K tiles that are and are not aligned with 32/64/128-groups, and dense programs that
+# span one or several K tiles.
 CONFIGS = {
-    "splitk": [
+    "gemv": [
         None,
         {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1},
         {"BLOCK_N": 64, "BLOCK_K": 16, "SPLIT_K": 3},
         {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
-        {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2},
-    ],
-    "gemm": [
-        None,
-        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
-        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-        {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1},
+        {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1},
+        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2},
     ],
     "dense": [
         None,
-        {"BLOCK_N": 16, "BLOCK_K": 8},
-        {"BLOCK_N": 8, "BLOCK_K": 32},
-        {"BLOCK_N": 32, "BLOCK_K": 128},
+        {"BLOCK_N": 16, "BLOCK_K": 8, "K_TILES": 1},
+        {"BLOCK_N": 8, "BLOCK_K": 32, "K_TILES": 3},
+        {"BLOCK_N": 32, "BLOCK_K": 128, "K_TILES": 1},
+        {"BLOCK_N": 4, "BLOCK_K": 16, "K_TILES": 4},
     ],
 }
+FAMILIES = list(CONFIGS)
+# Hypothesis examples per property (fewer in a short GPU session, where every new example
+# compiles kernels: benchmarks/gpu_session.sh sets 8).
+MAX_EXAMPLES = int(os.environ.get("GWQ_HYPOTHESIS_EXAMPLES", "30"))
 # Rows drawn per path: the small-M kernel is meant for 1..16 (17..20 checks several M
-# blocks); the GEMM takes any M, including the tiny ones.
-M_RANGE = {"splitk": (1, 20), "gemm": (1, 70), "dense": (1, 70)}
+# blocks); the dense path takes any M, including the tiny ones.
+M_RANGE = {"gemv": (1, 20), "dense": (1, 70)}
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    """Correctness, not speed: on CUDA the launcher would otherwise time every candidate
+    config of each new random shape.  The candidates themselves are checked one by one
+    (test_every_candidate_config) and tuning in tests/test_launch.py."""
+    monkeypatch.setenv(launch.TUNE_ENV, "0")
+
 
 
 def make_weight(
@@ -156,8 +166,8 @@ def problems(draw, path: str) -> dict:
     )
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("path", FAMILIES)
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_kernel_matches_reference(path: str, data) -> None:
     """Random shapes, formats, outlier patterns, layouts, dtypes and tiles on each kernel family."""
@@ -173,15 +183,35 @@ def test_kernel_matches_reference(path: str, data) -> None:
     check_against_reference(y, x, p, bias)
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
+@pytest.mark.parametrize("path", FAMILIES)
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1, 48])
 @pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
 def test_every_format(bits: int, group_size: int, path: str) -> None:
     """Each bit width x group size (K=150: partial last group for all but per-channel) x path."""
     p = make_weight(24, 150, bits, group_size, density=0.05, seed=bits * 1000 + group_size)
-    x = make_input(3 if path == "splitk" else 33, 150, torch.float16 if path == "dense" else torch.float32, "contiguous", seed=1)
+    x = make_input(3 if path == "gemv" else 33, 150, torch.float16 if path == "dense" else torch.float32, "contiguous", seed=1)
     bias = torch.randn(24, device=DEVICE)
     check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
+
+
+def _candidates(family: str) -> list:
+    module = {"gemv": "gemv", "dense": "dequant"}[family]
+    return launch.kernel_modules(interpret=ON_CPU).__dict__[module].configs(interpreted=False)
+
+
+@pytest.mark.parametrize(
+    "family, index, m", [(f, i, m) for f in FAMILIES for i in range(len(_candidates(f))) for m in ((3, 16) if f == "gemv" else (20,))]
+)
+def test_every_candidate_config(family: str, index: int, m: int) -> None:
+    """Each config the GPU tuner may pick (W4 g128, 3 % outliers, bias, fp16 x; K not a
+    multiple of any tile; the GEMV in its broadcast and its tl.dot form), forced, against
+    the reference."""
+    cfg = _candidates(family)[index]
+    knobs = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    p = make_weight(50, 300, 4, 128, density=0.03, seed=index)
+    x = make_input(m, 300, torch.float16, "contiguous", seed=index)
+    bias = torch.randn(50, device=DEVICE, dtype=torch.float16)
+    check_against_reference(run_kernel(x, p, bias, path=family, config=knobs), x, p, bias)
 
 
 @pytest.mark.parametrize("config", CONFIGS["dense"])
@@ -196,7 +226,29 @@ def test_dense_weight_equals_dequantize_weight(bits: int, group_size: int, confi
     assert torch.equal(launch.gwq_dequantize_triton(p, torch.float16, config=config), packing.dequantize_weight(p).half())
 
 
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_dense_program_writes_only_its_tile(bits: int) -> None:
+    """One dense program (grid (1, 1)) writes exactly its ``BLOCK_N`` rows and its K span
+    of ``BLOCK_K * K_TILES`` columns, outliers included, and nothing else: programs never
+    race on another's cells, whatever order a GPU runs them in (the interpreter runs
+    them one after another, so a full-grid result alone could not show that)."""
+    p = make_weight(40, 150, bits, 32, density=0.2, seed=bits, dense_col=True)
+    mod = launch.kernel_modules(interpret=ON_CPU).dequant
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, K_TILES=2)
+    w = torch.full((40, 150), float("nan"), device=DEVICE)
+    plane1 = packing.plane_offsets(150, bits)[1] if bits == 3 else 0
+    mod.gwq_dequant_kernel[(1, 1)](
+        *p[:6], w, 40, 150, plane1, p[0].stride(0), p[1].stride(0), p[2].stride(0), w.stride(0),
+        BITS=bits, GROUP_SIZE=32, HAS_OUTLIERS=True, **cfg,
+    )  # fmt: skip
+    ref = packing.dequantize_weight(p)
+    assert torch.equal(w[:16, :64].cpu(), ref[:16, :64].cpu())
+    outside = torch.ones(40, 150, dtype=torch.bool)
+    outside[:16, :64] = False
+    assert bool(w.cpu()[outside].isnan().all()), "a program wrote outside its tile"
+
+
+@pytest.mark.parametrize("path", FAMILIES)
 @pytest.mark.parametrize(
     "pattern",
     [
@@ -210,14 +262,14 @@ def test_dense_weight_equals_dequantize_weight(bits: int, group_size: int, confi
 def test_outlier_patterns(pattern: dict, path: str) -> None:
     p = make_weight(50, 130, 3, 64, seed=7, **pattern)
     assert (p.outlier_values.numel() > 0) == (pattern["density"] > 0 or pattern.get("dense_col", False))
-    x = make_input(5 if path == "splitk" else 40, 130, torch.float16, "contiguous", seed=2)
+    x = make_input(5 if path == "gemv" else 40, 130, torch.float16, "contiguous", seed=2)
     check_against_reference(run_kernel(x, p, None, path=path), x, p, None)
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 40])
 def test_auto_dispatch(m: int, monkeypatch) -> None:
-    """``path="auto"`` picks split-K up to SMALL_M_MAX rows and the dense path beyond, and both are right."""
-    expected = "splitk" if m <= dispatch.SMALL_M_MAX else "dense"
+    """``path="auto"`` picks the GEMV up to SMALL_M_MAX rows and the dense path beyond, and both are right."""
+    expected = "gemv" if m <= dispatch.SMALL_M_MAX else "dense"
     assert dispatch.triton_family(m) == expected
     seen = []
     original = dispatch.triton_family
@@ -235,10 +287,10 @@ def test_empty_input() -> None:
 
 
 @pytest.mark.skipif(ON_CPU, reason="the Triton interpreter (CPU) has no bfloat16: its tl.dot computes on the raw bits")
-@pytest.mark.parametrize("path", ["splitk", "gemm", "dense"])
+@pytest.mark.parametrize("path", FAMILIES)
 def test_bfloat16(path: str) -> None:
     p = make_weight(64, 256, 4, 128, density=0.01, seed=3)
-    x = make_input(4 if path == "splitk" else 64, 256, torch.bfloat16, "contiguous", seed=3)
+    x = make_input(4 if path == "gemv" else 64, 256, torch.bfloat16, "contiguous", seed=3)
     bias = torch.randn(64, device=DEVICE, dtype=torch.bfloat16)
     check_against_reference(run_kernel(x, p, bias, path=path), x, p, bias)
 
@@ -338,7 +390,9 @@ def test_compiled_model_uses_kernel(monkeypatch) -> None:
         ("bias_shape", ValueError, "bias"),
         ("path", ValueError, "path"),
         ("config_key", ValueError, "BLOCK_Q"),
+        ("config_dense_knob", ValueError, "SPLIT_K"),
         ("config_dot_too_small", ValueError, "tl.dot"),
+        ("config_block_k_too_small", ValueError, "BLOCK_K must be >= 8"),
         ("config_not_pow2", ValueError, "power of two"),
     ],
 )
@@ -357,48 +411,54 @@ def test_bad_arguments_name_the_argument(case: str, error: type, match: str) -> 
     elif case == "bias_shape":
         args[7] = torch.zeros(15, device=DEVICE)
     elif case == "path":
-        kw["path"] = "gemv"
+        kw["path"] = "gemm"  # the deleted fused GEMM
     elif case == "config_key":
-        kw.update(path="gemm", config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_Q": 1})
+        kw.update(path="gemv", config={"BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_Q": 1})
+    elif case == "config_dense_knob":
+        kw.update(path="dense", config={"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2})
     elif case == "config_dot_too_small":
-        kw.update(path="gemm", config={"BLOCK_M": 8, "BLOCK_N": 16, "BLOCK_K": 16})
+        kw.update(path="gemv", config={"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 16})
+    elif case == "config_block_k_too_small":
+        kw.update(path="dense", config={"BLOCK_N": 16, "BLOCK_K": 4})
     elif case == "config_not_pow2":
-        kw.update(path="splitk", config={"BLOCK_N": 24, "BLOCK_K": 16, "SPLIT_K": 1})
+        kw.update(path="gemv", config={"BLOCK_N": 24, "BLOCK_K": 16, "SPLIT_K": 1})
     with pytest.raises(error, match=match):
         launch.gwq_linear_triton(*args, **kw)
 
 
-# ----------------------------------------------------------------------------- autotune spaces
+# ----------------------------------------------------------------------------- config spaces
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 8, 16])
 @pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 48), (10, 20, 20)])
-def test_splitk_pruner(block_m: int, n: int, k: int, group_size: int) -> None:
-    kernels = launch.kernels_module(interpret=ON_CPU)
-    configs = kernels.splitk_configs(interpreted=False)
-    kept = kernels.prune_splitk_configs(configs, {"N": n, "K": k}, BLOCK_M=block_m, GROUP_SIZE=group_size)
+def test_gemv_pruner(block_m: int, n: int, k: int, group_size: int) -> None:
+    gemv = launch.kernel_modules(interpret=ON_CPU).gemv
+    configs = gemv.configs(interpreted=False)
+    kept = gemv.prune(configs, n, k, block_m, group_size)
     assert kept and all(c in configs for c in kept)
     if any(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept):
         assert all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
     if len(kept) > 1:
-        assert all(kernels._fits_registers(block_m, c) for c in kept)
+        assert all(gemv.fits_registers(block_m, c) for c in kept)
 
 
-@pytest.mark.parametrize("m_bucket", [32, 256, 4096])
-@pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (4096, 11008, 4096), (24, 40, 40)])
-def test_gemm_pruner(m_bucket: int, n: int, k: int, group_size: int) -> None:
-    kernels = launch.kernels_module(interpret=ON_CPU)
-    configs = kernels.gemm_configs(interpreted=False)
-    kept = kernels.prune_gemm_configs(configs, {"N": n, "K": k, "m_bucket": m_bucket}, GROUP_SIZE=group_size)
-    assert kept and all(c in configs for c in kept)
-    assert all(c.kwargs["BLOCK_M"] <= max(32, m_bucket) for c in kept) or len(kept) == 1
+@pytest.mark.parametrize("block_m", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)])
+def test_gemv_default_is_one_launch_that_fills_the_gpu(block_m: int, n: int, k: int) -> None:
+    """The untuned GEMV config on a GPU (what a traced decode step gets when no eager call
+    tuned it) stores directly (no split-K memset/cast) with >= 256 programs (2 per SM)."""
+    gemv = launch.kernel_modules(interpret=ON_CPU).gemv
+    cfg = gemv.default_config(n, k, block_m, 128, interpreted=False)
+    assert cfg.kwargs["SPLIT_K"] == 1
+    assert -(-n // cfg.kwargs["BLOCK_N"]) >= 256
+    assert cfg in gemv.prune(gemv.configs(interpreted=False), n, k, block_m, 128)
 
 
 def test_interpreter_uses_one_config() -> None:
-    kernels = launch.kernels_module(interpret=True)
-    assert kernels.INTERPRETED
-    assert len(kernels.gwq_splitk_autotuned.configs) == 1 and len(kernels.gwq_gemm_autotuned.configs) == 1
-    assert len(kernels.splitk_configs(interpreted=False)) > 1 and len(kernels.gemm_configs(interpreted=False)) > 1
+    mods = launch.kernel_modules(interpret=True)
+    assert mods.gemv.INTERPRETED and mods.dequant.INTERPRETED and mods.unpack.INTERPRETED
+    assert len(mods.gemv.configs()) == 1 and len(mods.dequant.configs()) == 1
+    assert len(mods.gemv.configs(interpreted=False)) > 1 and len(mods.dequant.configs(interpreted=False)) > 1
 
 
 # ----------------------------------------------------------------------------- imports
@@ -414,7 +474,7 @@ def test_import_is_light() -> None:
     code = (
         "import sys, torch\n"
         "import gwq_compile, gwq_compile.codegen, gwq_compile.codegen.launch\n"
-        "assert 'gwq_compile.codegen.kernels' not in sys.modules\n"
+        "assert not [m for m in sys.modules if m.startswith('gwq_compile.codegen.') and m != 'gwq_compile.codegen.launch']\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"
     )
@@ -474,7 +534,8 @@ def test_process_started_with_triton_interpret() -> None:
         "    x = torch.randn(m, 70)\n"
         "    y = launch.gwq_linear_triton(x, *p[:6], None, 3, 32, 70)\n"
         "    torch.testing.assert_close(y, x @ ref.T, rtol=1e-5, atol=1e-5)\n"
-        "assert launch.kernels_module(True) is __import__('gwq_compile.codegen.kernels').codegen.kernels\n"
+        "import sys\n"
+        "assert launch.kernel_modules(True).gemv is sys.modules['gwq_compile.codegen.gemv']\n"
         "print('ok')\n"
     )
     proc = _python(code, TRITON_INTERPRET="1")
