@@ -43,7 +43,9 @@ class LayerCalibration:
     saved_requires_grad: bool = False
     saved_grad: torch.Tensor | None = None
     quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
-    outlier_mask: torch.Tensor | None = None  # outlier_scope="model": bool [out, in], set by the model-wide ranking
+    scores: torch.Tensor | None = None  # fp32 [out, in] outlier scores, computed in place of saliency_sum (quantize.layer_scores)
+    outlier_threshold: float | None = None  # outlier_scope="model": the model-wide threshold, set by the ranking
+    outlier_ties: int = 0  # ... and how many of this layer's scores equal to it are outliers (gwq_compile.ranking)
     is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
 
     def remove_hooks(self) -> None:
