@@ -16,12 +16,14 @@ model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwar
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from gwq_compile import lean_backward
 from gwq_compile.config import GWQConfig
 from gwq_compile.eval import logits_of, next_token_nll
 
@@ -102,6 +104,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_hessian:
 
         def _hessian(mod: torch.nn.Module, args: tuple) -> None:
+            if lean_backward.hooks_paused():  # a checkpointed layer's recomputation: already recorded
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             state.hessian = x.T @ x if state.hessian is None else state.hessian.addmm_(x.T, x)
             state.n_tokens += x.shape[0]
@@ -111,6 +115,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_input_sq:
 
         def _input_sq(mod: torch.nn.Module, args: tuple) -> None:
+            if lean_backward.hooks_paused():
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sq = x.square().sum(0)
             state.input_sq = sq if state.input_sq is None else state.input_sq.add_(sq)
@@ -164,19 +170,47 @@ def iter_batches(calibration_data: Any) -> Iterator[Any]:
             yield batch
 
 
-def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+def _model_inputs(model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[dict | torch.Tensor, torch.Tensor]:
+    """``(model inputs, input_ids)`` of one batch: keyword arguments, or the token tensor
+    itself for a plain module; no KV cache for a transformers model (nothing is generated)."""
+    uses_cache = getattr(getattr(model, "config", None), "use_cache", None) is not None
+    if not isinstance(batch, collections.abc.Mapping) and not uses_cache:
+        ids = batch.to(device)
+        _check_length(ids)
+        return ids, ids
     if isinstance(batch, collections.abc.Mapping):
         if "input_ids" not in batch:
             raise ValueError("a dict calibration batch needs an 'input_ids' entry for the next-token loss")
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        ids = inputs["input_ids"]
-        output = model(**inputs)
     else:
-        ids = batch.to(device)
-        output = model(ids)
+        inputs = {"input_ids": batch.to(device)}
+    if uses_cache:
+        inputs.setdefault("use_cache", False)
+    _check_length(inputs["input_ids"])
+    return inputs, inputs["input_ids"]
+
+
+def _check_length(ids: torch.Tensor) -> None:
     if ids.shape[-1] < 2:
         raise ValueError("calibration samples need at least 2 tokens for a next-token loss")
-    return next_token_nll(logits_of(output), ids)
+
+
+def _call(model: torch.nn.Module, inputs: dict | torch.Tensor) -> Any:
+    return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+
+
+def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device, capture: "lean_backward.HeadCapture | None") -> torch.Tensor:
+    """The mean next-token loss of one batch: through the captured LM head in chunks, or on the full logits."""
+    inputs, ids = _model_inputs(model, batch, device)
+    if capture is None or (isinstance(inputs, dict) and "labels" in inputs):  # labels: the model computes its own loss on the logits
+        return next_token_nll(logits_of(_call(model, inputs)), ids)
+    with capture.active():
+        output = _call(model, inputs)
+    hidden, took = capture.hidden, capture.took(logits_of(output))
+    capture.hidden = capture.marker = None
+    if not took:
+        raise RuntimeError(f"{type(model).__name__} transformed its LM head's output on this batch but not on the probe; cannot chunk the loss")
+    return lean_backward.chunked_next_token_nll(capture.forward, hidden, ids, capture.head.out_features)
 
 
 @dataclass
@@ -218,17 +252,45 @@ def _is_quantized(p: torch.Tensor) -> bool:
     return isinstance(p, GWQTensor)
 
 
-def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True) -> int:
+def batch_count(calibration_data: Any) -> int | None:
+    """How many samples :func:`iter_batches` will yield, when it is known up front (progress totals)."""
+    data = getattr(calibration_data, "batches", calibration_data)  # calibration_inputs' checked wrapper
+    if isinstance(data, torch.Tensor):
+        return 1 if data.dim() == 1 else data.shape[0]
+    if isinstance(data, collections.abc.Mapping):
+        return 1
+    if isinstance(data, (list, tuple)) and all(isinstance(b, (torch.Tensor, collections.abc.Mapping)) for b in data):
+        return sum(batch_count(b) for b in data)
+    return None
+
+
+@contextlib.contextmanager
+def bounded_memory(model: torch.nn.Module, backward: bool) -> Iterator["lean_backward.HeadCapture | None"]:
+    """SDPA attention, checkpointed decoder layers and the chunked loss for the calibration's
+    backward passes (:mod:`gwq_compile.lean_backward`); yields the LM head capture, if any."""
+    if not backward:  # no backward pass: no activation is kept, the plain forward is lean already
+        yield None
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with lean_backward.sdpa_attention(model), lean_backward.checkpointed_layers(model):
+        yield lean_backward.head_capture(model, lambda ids: _call(model, _model_inputs(model, ids, device)[0]))
+
+
+def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True, bounded: bool = True) -> int:
     """Forward + next-token loss (+ backward) over every batch; returns the number of batches.
 
     The hooks installed by :func:`prepare_weight` do the accumulation.  ``backward=False``
-    serves saliencies that need only the forward Hessian.
+    serves saliencies that need only the forward Hessian.  ``bounded``: checkpointed layers,
+    chunked loss and SDPA (:func:`bounded_memory`); ``False`` keeps every activation (the
+    reference the checkpointed calibration is tested against).
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = 0
-    with torch.set_grad_enabled(backward):
-        for batch in tqdm(iter_batches(calibration_data), desc="GWQ calibration", disable=not progress, unit="sample"):
-            loss = _batch_loss(model, batch, device)
+    lean = bounded_memory(model, backward) if bounded else contextlib.nullcontext()
+    with torch.set_grad_enabled(backward), lean as capture:
+        batches = tqdm(iter_batches(calibration_data), desc="GWQ calibration", total=batch_count(calibration_data), disable=not progress, unit="sample")
+        for batch in batches:
+            loss = _batch_loss(model, batch, device, capture)
             if not torch.isfinite(loss):
                 raise ValueError(f"calibration loss is {loss.item()} on batch {n}: check the model and the calibration data")
             if backward:
