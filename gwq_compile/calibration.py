@@ -68,6 +68,12 @@ def saliency_term(grad: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"saliency {kind!r} is not accumulated from gradients")
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rows this process holds: an FSDP2-sharded ``DTensor``'s local shard, else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def check_finite(t: torch.Tensor, what: str, name: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"layer {name!r}: {what} contains NaN or Inf")
@@ -83,7 +89,7 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     state = layer_state(weight)
     if state is not None:  # a tied weight already prepared through another module
         return state
-    check_finite(weight.detach(), "the weight", name)
+    check_finite(local_tensor(weight.detach()), "the weight", name)
     state = LayerCalibration(name=name, saliency_kind=config.saliency)
     state.saved_requires_grad, state.saved_grad = weight.requires_grad, weight.grad
     weight.grad = None
@@ -91,10 +97,10 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_gradients:
 
         def _accumulate(param: torch.Tensor) -> None:
-            grad = param.grad
+            grad = local_tensor(param.grad)  # under FSDP2: the reduce-scattered rows this rank owns
             param.grad = None  # fold into the saliency now; never keep a second copy
             check_finite(grad, "the gradient", state.name)
-            term = saliency_term(grad, param, state.saliency_kind)
+            term = saliency_term(grad, local_tensor(param), state.saliency_kind)
             state.saliency_sum = term if state.saliency_sum is None else state.saliency_sum.add_(term)
             state.n_backward += 1
 
@@ -276,13 +282,17 @@ def bounded_memory(model: torch.nn.Module, backward: bool) -> Iterator["lean_bac
         yield lean_backward.head_capture(model, lambda ids: _call(model, _model_inputs(model, ids, device)[0]))
 
 
-def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True, bounded: bool = True) -> int:
+def run_calibration(
+    model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True, bounded: bool = True, loss_scale: float = 1.0
+) -> int:
     """Forward + next-token loss (+ backward) over every batch; returns the number of batches.
 
     The hooks installed by :func:`prepare_weight` do the accumulation.  ``backward=False``
     serves saliencies that need only the forward Hessian.  ``bounded``: checkpointed layers,
     chunked loss and SDPA (:func:`bounded_memory`); ``False`` keeps every activation (the
-    reference the checkpointed calibration is tested against).
+    reference the checkpointed calibration is tested against).  ``loss_scale`` multiplies
+    the loss before backward (0 on the FSDP2 ranks whose gradient must not count, see
+    :mod:`gwq_compile.distributed`).
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = 0
@@ -294,7 +304,7 @@ def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: boo
             if not torch.isfinite(loss):
                 raise ValueError(f"calibration loss is {loss.item()} on batch {n}: check the model and the calibration data")
             if backward:
-                loss.backward()
+                (loss if loss_scale == 1.0 else loss * loss_scale).backward()
             n += 1
     if n == 0:
         raise ValueError("calibration data is empty: give at least one sample of token ids")

@@ -87,7 +87,7 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
-    w = weight.detach().float()
+    w = calibration.local_tensor(weight.detach()).float()
     scales, zeros = packing.compute_group_qparams(
         w, None, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
     )
@@ -111,7 +111,7 @@ def layer_saliency(
     if config.saliency == "hessian":
         from gwq_compile.gptq import hessian_saliency
 
-        return hessian_saliency(weight.detach().float(), state.hessian, damp=config.damp)
+        return hessian_saliency(calibration.local_tensor(weight.detach()).float(), state.hessian, damp=config.damp)
     saliency = state.saliency_sum.t() if grad_in_out else state.saliency_sum
     if config.saliency == "grad_error":
         error = rounding_error(weight, layer_config(config, state), state.input_sq).square_()
@@ -165,13 +165,15 @@ def ranked_layers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration,
     return entries
 
 
-def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> None:
+def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig, distributed: bool = False) -> None:
     """``outlier_scope="model"``: rank the weights of all calibrated layers together and store
     each layer's share (the model-wide threshold and its ties) on its calibration state;
     :func:`layer_outlier_mask` builds the mask when the layer is packed.  ``layers``:
     ``(weight [out, in], state, grad_in_out)``.  Streams over the layers
     (:mod:`gwq_compile.ranking`): beyond the saliency sums, which the scores overwrite, it
     holds one layer's comparisons and the top ``outlier_ratio`` of the scores.
+    ``distributed``: the weights are FSDP2 ``DTensor`` shards; the processes agree on the
+    threshold and the ties with collectives, each scores its own rows.
     """
     entries = ranked_layers(layers, config)
     count = round(config.outlier_ratio * sum(w.numel() for w, _, _ in entries))
@@ -180,8 +182,8 @@ def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibr
         for weight, state, grad_in_out in tqdm(entries, desc=desc, disable=not config.progress, unit="layer"):
             yield layer_scores(weight, state, config, grad_in_out)
 
-    threshold = ranking.model_threshold(scores("GWQ ranking (threshold)"), count)
-    ties = ranking.tie_shares(scores("GWQ ranking (ties)"), threshold)
+    threshold = ranking.model_threshold(scores("GWQ ranking (threshold)"), count, distributed)
+    ties = ranking.tie_shares(scores("GWQ ranking (ties)"), threshold, distributed)
     for (_, state, _), layer_ties in zip(entries, ties):
         state.outlier_threshold, state.outlier_ties = threshold.value, layer_ties
 

@@ -81,13 +81,20 @@ def threshold_of(top: torch.Tensor, count: int) -> Threshold:
     return Threshold(float(value), count - int((top > value).sum()))
 
 
-def model_threshold(scores: Iterable[torch.Tensor], count: int) -> Threshold:
-    """Pass 1: the model's ``count``-th largest score and how many ties at it are outliers."""
+def model_threshold(scores: Iterable[torch.Tensor], count: int, distributed: bool = False) -> Threshold:
+    """Pass 1: the model's ``count``-th largest score and how many ties at it are outliers.
+
+    ``distributed``: each process streams over its own rows of every layer (FSDP2 shards);
+    the processes' top buffers are all-gathered and merged, so all agree on one threshold.
+    """
     if count < 0:
         raise ValueError(f"the outlier count must be >= 0, got {count}")
     if count == 0:
         return Threshold(float("inf"), 0)
-    return threshold_of(top_scores(scores, count), count)
+    top = top_scores(scores, count)
+    if distributed:
+        top = _merge_top(torch.empty(0), torch.cat(_all_gather_varlen(top.cpu())), count)
+    return threshold_of(top, count)
 
 
 def above_and_equal(scores: torch.Tensor, value: float) -> tuple[int, int]:
@@ -107,9 +114,35 @@ def share_ties(equal_counts: Iterable[int], ties: int) -> list[int]:
     return shares
 
 
-def tie_shares(scores: Iterable[torch.Tensor], threshold: Threshold) -> list[int]:
-    """Pass 2: each layer's number of outliers equal to the threshold."""
-    return share_ties((above_and_equal(s, threshold.value)[1] for s in scores), threshold.ties)
+def tie_shares(scores: Iterable[torch.Tensor], threshold: Threshold, distributed: bool = False) -> list[int]:
+    """Pass 2: each layer's number of outliers equal to the threshold.
+
+    ``distributed``: rank ``r`` holds the ``r``-th block of rows of each layer, so the
+    model's row-major order is (layer, rank): the ties are handed out in that order over
+    the all-gathered per-rank counts, which gives each rank the share one process would.
+    """
+    equal = [above_and_equal(s, threshold.value)[1] for s in scores]
+    if not distributed:
+        return share_ties(equal, threshold.ties)
+    import torch.distributed as dist
+
+    per_rank = torch.stack(_all_gather_varlen(torch.tensor(equal, dtype=torch.int64)))  # [world, layers]
+    shares = torch.tensor(share_ties(per_rank.t().reshape(-1).tolist(), threshold.ties)).view(len(equal), -1)
+    return shares[:, dist.get_rank()].tolist()
+
+
+def _all_gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's 1-D ``t`` (lengths may differ), in rank order."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([t.numel()]))
+    longest = int(max(n.item() for n in lengths))
+    padded = torch.cat([t, t.new_zeros(longest - t.numel())])
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [o[: int(n.item())] for o, n in zip(out, lengths)]
 
 
 def threshold_mask(scores: torch.Tensor, value: float, ties: int) -> torch.Tensor:
