@@ -131,19 +131,7 @@ def layer_scores(weight: torch.Tensor, state: calibration.LayerCalibration, conf
     return scores
 
 
-def model_outlier_counts(scores: list[torch.Tensor], ratio: float) -> list[int]:
-    """Each layer's share of the model's ``round(ratio * total)`` highest scores (ties at the
-    boundary go to the earlier layers, see :mod:`gwq_compile.ranking`).
-
-    Example:
-        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.5)
-        [1, 1]
-        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.75)
-        [1, 2]
-    """
-    threshold = ranking.model_threshold(iter(scores), round(ratio * sum(s.numel() for s in scores)))
-    ties = ranking.tie_shares(iter(scores), threshold)
-    return [ranking.above_and_equal(s, threshold.value)[0] + t for s, t in zip(scores, ties)]
+model_outlier_counts = ranking.layer_counts  # each layer's share of the model's top round(ratio * total) scores
 
 
 def ranking_entries(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, calibration.LayerCalibration, bool]]:

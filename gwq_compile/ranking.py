@@ -131,6 +131,21 @@ def tie_shares(scores: Iterable[torch.Tensor], threshold: Threshold, distributed
     return shares[:, dist.get_rank()].tolist()
 
 
+def layer_counts(scores: list[torch.Tensor], ratio: float) -> list[int]:
+    """Each layer's share of the model's ``round(ratio * total)`` highest scores (ties at the
+    boundary go to the earlier layers); all layers' scores given at once, for tests and tools.
+
+    Example:
+        >>> layer_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.5)
+        [1, 1]
+        >>> layer_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.75)
+        [1, 2]
+    """
+    threshold = model_threshold(iter(scores), round(ratio * sum(s.numel() for s in scores)))
+    ties = tie_shares(iter(scores), threshold)
+    return [above_and_equal(s, threshold.value)[0] + t for s, t in zip(scores, ties)]
+
+
 def _all_gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
     """Every process's 1-D ``t`` (lengths may differ), in rank order."""
     import torch.distributed as dist
