@@ -216,7 +216,8 @@ def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device, captur
     capture.hidden = capture.marker = None
     if not took:
         raise RuntimeError(f"{type(model).__name__} transformed its LM head's output on this batch but not on the probe; cannot chunk the loss")
-    return lean_backward.chunked_next_token_nll(capture.forward, hidden, ids, capture.head.out_features)
+    head_needs_grad = any(p.requires_grad for p in capture.head.parameters())
+    return lean_backward.chunked_next_token_nll(capture.forward, hidden, ids, capture.head.out_features, head_needs_grad)
 
 
 @dataclass

@@ -203,14 +203,51 @@ def _chunk_nll(forward: Callable, hidden: torch.Tensor, targets: torch.Tensor) -
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
-def chunked_next_token_nll(forward: Callable, hidden: torch.Tensor, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+class _PrecomputedGrad(torch.autograd.Function):
+    """``loss`` in the forward; in the backward, hands ``grad_hidden`` (d loss / d hidden,
+    already computed chunk by chunk) to ``hidden``."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, grad_hidden: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad_hidden)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out, None, None
+
+
+def _chunks(seq: int, step: int) -> list[tuple[int, int]]:
+    return [(start, min(start + step, seq - 1)) for start in range(0, seq - 1, step)]
+
+
+def chunked_next_token_nll(forward: Callable, hidden: torch.Tensor, input_ids: torch.Tensor, vocab: int, head_needs_grad: bool = True) -> torch.Tensor:
     """``next_token_nll(forward(hidden), input_ids)`` with one chunk of the sequence's logits
-    alive at a time: each chunk's head + cross-entropy run under checkpoint."""
+    alive at a time.
+
+    When the head's weight needs a gradient (a quantized head), each chunk's head +
+    cross-entropy run under checkpoint and are recomputed in the backward pass, so the head
+    gradient is accumulated by autograd once per backward.  Otherwise each chunk's
+    gradient with respect to the hidden states is taken right away (no recomputation) and
+    handed to the model's backward pass; it is the same gradient, bit for bit.
+    """
     batch, seq = input_ids.shape
     targets = input_ids[:, 1:].to(hidden.device)
-    step = max(1, CHUNK_LOGIT_ELEMENTS // (vocab * batch))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, seq - 1, step):
-        end = min(start + step, seq - 1)
-        total = total + checkpoint(_chunk_nll, forward, hidden[:, start:end], targets[:, start:end], use_reentrant=False)
-    return total / targets.numel()
+    chunks = _chunks(seq, max(1, CHUNK_LOGIT_ELEMENTS // (vocab * batch)))
+    n = targets.numel()
+    if head_needs_grad:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start, end in chunks:
+            total = total + checkpoint(_chunk_nll, forward, hidden[:, start:end], targets[:, start:end], use_reentrant=False)
+        return total / n
+    scale = torch.ones((), dtype=torch.float32, device=hidden.device) / n  # d mean / d sum, as autograd computes it
+    grads, total = [], hidden.new_zeros((), dtype=torch.float32)
+    for start, end in chunks:
+        piece = hidden[:, start:end].detach().requires_grad_()
+        with torch.enable_grad():
+            loss = _chunk_nll(forward, piece, targets[:, start:end])
+            grads.append(torch.autograd.grad(loss, piece, grad_outputs=scale)[0])
+        total = total + loss.detach()
+    last = hidden.new_zeros(batch, seq - chunks[-1][1], hidden.shape[-1])  # the last position predicts nothing
+    return _PrecomputedGrad.apply(hidden, total / n, torch.cat([*grads, last], dim=1))
