@@ -51,17 +51,17 @@ def current_rss_bytes() -> int:
 # ----------------------------------------------------------------------------- child processes
 
 
-def child_prepare(work: Path) -> None:
+def child_prepare(work: Path, model_path: str | None, seqlen: int) -> None:
     """The HF folder and the calibration tokens every row reads."""
     import torch
 
     from gwq_compile import data
     from gwq_compile.models import load_causal_lm
 
-    model, tokenizer = load_causal_lm(None, torch.float32)
+    model, tokenizer = load_causal_lm(model_path, torch.float32)
     model.save_pretrained(work / "smollm2")
     tokenizer.save_pretrained(work / "smollm2")
-    torch.save(data.calibration_tokens(tokenizer, "default", 8, SEQLEN, seed=0), work / "tokens.pt")
+    torch.save(data.calibration_tokens(tokenizer, "default", 8, seqlen, seed=0), work / "tokens.pt")
 
 
 def child_quantize(work: Path, samples: int, packed_out: Path | None) -> dict:
@@ -200,9 +200,9 @@ def criteria(rows: list[dict], comparison: dict) -> list[str]:
     ok = lambda c: "met" if c else "NOT met"  # noqa: E731
     diff = comparison["old_vs_new"]
     lines = [
-        f"1. 1 x {SEQLEN} peak {gb(one['peak_rss'])} <= 2.0 GB: {ok(one['peak_rss'] <= 2.0e9)}; quantize_ wall {one['quantize_s']:.1f} s "
+        f"1. 1 sample peak {gb(one['peak_rss'])} <= 2.0 GB: {ok(one['peak_rss'] <= 2.0e9)}; quantize_ wall {one['quantize_s']:.1f} s "
         f"vs old {old['quantize_s']:.1f} s: {ok(one['quantize_s'] <= old['quantize_s'])}",
-        f"2. 8 x {SEQLEN} peak {gb(eight['peak_rss'])} vs 1 sample {gb(one['peak_rss'])} ({100 * (eight['peak_rss'] / one['peak_rss'] - 1):+.1f} %, within 10 %): "
+        f"2. 8 samples peak {gb(eight['peak_rss'])} vs 1 sample {gb(one['peak_rss'])} ({100 * (eight['peak_rss'] / one['peak_rss'] - 1):+.1f} %, within 10 %): "
         f"{ok(abs(eight['peak_rss'] / one['peak_rss'] - 1) <= 0.10)}",
     ]
     ranks = [r for r in rows if r["row"].startswith("fsdp2")]
@@ -227,7 +227,7 @@ def write_results(rows: list[dict], comparison: dict, meta: dict, out: Path) -> 
         f"Generated {meta['date']} by `{meta['command']}` on {meta['machine']}.",
         "Each row is a fresh subprocess (FSDP2: one torchrun, one process per rank); peak = its `ru_maxrss`,",
         "model loading included; default `GWQConfig` (4 bits, groups of 64, 0.5 % outliers ranked model-wide by",
-        f"grad_error); calibration tokens `calibration_tokens(tokenizer, 'default', n, {SEQLEN}, seed=0)`.",
+        f"grad_error); calibration tokens `calibration_tokens(tokenizer, 'default', n, {meta['seqlen']}, seed=0)`.",
         f"`old` is `{meta['old_commit']}` (the branch point): every activation kept, full logits, the concatenating ranking.",
         "",
         "| row | code | tokens | peak RSS | RSS after load | quantize wall | load wall | threads |",
@@ -246,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--old-commit", default=DEFAULT_OLD)
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--model", default=None, help="the model to measure (default: SmolLM2-135M from the wheel); a tiny one for a smoke test")
+    p.add_argument("--seqlen", type=int, default=SEQLEN)
     p.add_argument("--fsdp", type=int, default=2, help="ranks of the FSDP2 row (0: no such row)")
     p.add_argument("--child", choices=["prepare", "quantize", "rank"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--packed-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "prepare":
-        child_prepare(args.work)
+        child_prepare(args.work, args.model, args.seqlen)
         print(json.dumps({}))
         return 0
     if args.child == "quantize":
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="gwq_calmem_"))
     env = {**os.environ, "GWQ_DATA_DIR": str(REPO.parent / "shared" / "data"), "TOKENIZERS_PARALLELISM": "false"}
     if not (work / "tokens.pt").is_file():
-        run_child(["--child", "prepare", "--work", str(work)], env)
+        run_child(["--child", "prepare", "--work", str(work), "--seqlen", str(args.seqlen)] + (["--model", args.model] if args.model else []), env)
     old_env = {**env, "PYTHONPATH": str(extract_old_code(args.old_commit, work / "old"))}
     plan = [
         ("old", f"{args.old_commit} (branch point)", 1, old_env, work / "old.pt"),
@@ -276,13 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     for row, code, samples, row_env, packed in plan:
         cmd = ["--child", "quantize", "--work", str(work), "--samples", str(samples)] + (["--packed-out", str(packed)] if packed else [])
         result = run_child(cmd, row_env)
-        rows.append({"row": row, "code": code, "tokens": f"{samples} x {SEQLEN}", **result})
+        rows.append({"row": row, "code": code, "tokens": f"{samples} x {args.seqlen}", **result})
         print(rows[-1], flush=True)
     comparison = {"old_vs_new": compare_packed(work / "old.pt", work / "new.pt")}
     if args.fsdp:
         single = next(r for r in rows if r["row"] == "new" and r["tokens"].startswith("1 "))
         for r in run_fsdp(work, args.fsdp, {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.fsdp))}, work / "fsdp.pt"):
-            rows.append({"row": f"fsdp2 rank {r['rank']}/{args.fsdp}", "code": "this commit (torchrun, gloo)", "tokens": f"1 x {SEQLEN}",
+            rows.append({"row": f"fsdp2 rank {r['rank']}/{args.fsdp}", "code": "this commit (torchrun, gloo)", "tokens": f"1 x {args.seqlen}",
                          **r, "vs_single_peak": r["peak_rss"] / single["peak_rss"]})  # fmt: skip
             print(rows[-1], flush=True)
         comparison["single_vs_fsdp2"] = compare_packed(work / "new.pt", work / "fsdp.pt")
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/calibration_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}",
         "old_commit": args.old_commit,
+        "seqlen": args.seqlen,
+        "load_average_at_end": os.getloadavg(),
     }
     write_results(rows, comparison, meta, args.out)
     print(comparison)
