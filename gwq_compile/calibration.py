@@ -10,7 +10,9 @@ forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``; for
 
 :func:`run_calibration` is the one-shot loop: it freezes every other parameter, runs
 forward + next-token loss + backward over each calibration batch, and restores the
-model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwards.
+model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwards.  The
+backward passes run in bounded memory (:func:`bounded_memory`: checkpointed decoder
+layers, chunked loss, SDPA; see :mod:`gwq_compile.lean_backward`).
 """
 
 from __future__ import annotations
