@@ -58,8 +58,17 @@ def child_prepare(work: Path, model_path: str | None, seqlen: int) -> None:
     from gwq_compile import data
     from gwq_compile.models import load_causal_lm
 
+    from transformers import AutoModelForCausalLM
+
     model, tokenizer = load_causal_lm(model_path, torch.float32)
-    model.save_pretrained(work / "smollm2")
+    config = model.config
+    if hasattr(config, "quantization_config"):  # GGUF-loaded: dequantized already, saved as plain fp32
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(work / "smollm2")
     tokenizer.save_pretrained(work / "smollm2")
     torch.save(data.calibration_tokens(tokenizer, "default", 8, seqlen, seed=0), work / "tokens.pt")
 
