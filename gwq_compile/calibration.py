@@ -10,18 +10,22 @@ forward pre-hook also accumulates the layer-input Hessian ``sum x x^T``; for
 
 :func:`run_calibration` is the one-shot loop: it freezes every other parameter, runs
 forward + next-token loss + backward over each calibration batch, and restores the
-model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwards.
+model's ``requires_grad`` flags, existing ``.grad`` and train/eval mode afterwards.  The
+backward passes run in bounded memory (:func:`bounded_memory`: checkpointed decoder
+layers, chunked loss, SDPA; see :mod:`gwq_compile.lean_backward`).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from gwq_compile import lean_backward
 from gwq_compile.config import GWQConfig
 from gwq_compile.eval import logits_of, next_token_nll
 
@@ -43,7 +47,9 @@ class LayerCalibration:
     saved_requires_grad: bool = False
     saved_grad: torch.Tensor | None = None
     quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
-    outlier_mask: torch.Tensor | None = None  # outlier_scope="model": bool [out, in], set by the model-wide ranking
+    scores: torch.Tensor | None = None  # fp32 [out, in] outlier scores, computed in place of saliency_sum (quantize.layer_scores)
+    outlier_threshold: float | None = None  # outlier_scope="model": the model-wide threshold, set by the ranking
+    outlier_ties: int = 0  # ... and how many of this layer's scores equal to it are outliers (gwq_compile.ranking)
     is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
 
     def remove_hooks(self) -> None:
@@ -64,6 +70,12 @@ def saliency_term(grad: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"saliency {kind!r} is not accumulated from gradients")
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rows this process holds: an FSDP2-sharded ``DTensor``'s local shard, else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def check_finite(t: torch.Tensor, what: str, name: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"layer {name!r}: {what} contains NaN or Inf")
@@ -79,7 +91,7 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     state = layer_state(weight)
     if state is not None:  # a tied weight already prepared through another module
         return state
-    check_finite(weight.detach(), "the weight", name)
+    check_finite(local_tensor(weight.detach()), "the weight", name)
     state = LayerCalibration(name=name, saliency_kind=config.saliency)
     state.saved_requires_grad, state.saved_grad = weight.requires_grad, weight.grad
     weight.grad = None
@@ -87,10 +99,10 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_gradients:
 
         def _accumulate(param: torch.Tensor) -> None:
-            grad = param.grad
+            grad = local_tensor(param.grad)  # under FSDP2: the reduce-scattered rows this rank owns
             param.grad = None  # fold into the saliency now; never keep a second copy
             check_finite(grad, "the gradient", state.name)
-            term = saliency_term(grad, param, state.saliency_kind)
+            term = saliency_term(grad, local_tensor(param), state.saliency_kind)
             state.saliency_sum = term if state.saliency_sum is None else state.saliency_sum.add_(term)
             state.n_backward += 1
 
@@ -100,6 +112,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_hessian:
 
         def _hessian(mod: torch.nn.Module, args: tuple) -> None:
+            if lean_backward.hooks_paused():  # a checkpointed layer's recomputation: already recorded
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             state.hessian = x.T @ x if state.hessian is None else state.hessian.addmm_(x.T, x)
             state.n_tokens += x.shape[0]
@@ -109,6 +123,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if config.needs_input_sq:
 
         def _input_sq(mod: torch.nn.Module, args: tuple) -> None:
+            if lean_backward.hooks_paused():
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sq = x.square().sum(0)
             state.input_sq = sq if state.input_sq is None else state.input_sq.add_(sq)
@@ -162,19 +178,48 @@ def iter_batches(calibration_data: Any) -> Iterator[Any]:
             yield batch
 
 
-def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+def _model_inputs(model: torch.nn.Module, batch: Any, device: torch.device) -> tuple[dict | torch.Tensor, torch.Tensor]:
+    """``(model inputs, input_ids)`` of one batch: keyword arguments, or the token tensor
+    itself for a plain module; no KV cache for a transformers model (nothing is generated)."""
+    uses_cache = getattr(getattr(model, "config", None), "use_cache", None) is not None
+    if not isinstance(batch, collections.abc.Mapping) and not uses_cache:
+        ids = batch.to(device)
+        _check_length(ids)
+        return ids, ids
     if isinstance(batch, collections.abc.Mapping):
         if "input_ids" not in batch:
             raise ValueError("a dict calibration batch needs an 'input_ids' entry for the next-token loss")
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        ids = inputs["input_ids"]
-        output = model(**inputs)
     else:
-        ids = batch.to(device)
-        output = model(ids)
+        inputs = {"input_ids": batch.to(device)}
+    if uses_cache:
+        inputs.setdefault("use_cache", False)
+    _check_length(inputs["input_ids"])
+    return inputs, inputs["input_ids"]
+
+
+def _check_length(ids: torch.Tensor) -> None:
     if ids.shape[-1] < 2:
         raise ValueError("calibration samples need at least 2 tokens for a next-token loss")
-    return next_token_nll(logits_of(output), ids)
+
+
+def _call(model: torch.nn.Module, inputs: dict | torch.Tensor) -> Any:
+    return model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+
+
+def _batch_loss(model: torch.nn.Module, batch: Any, device: torch.device, capture: "lean_backward.HeadCapture | None") -> torch.Tensor:
+    """The mean next-token loss of one batch: through the captured LM head in chunks, or on the full logits."""
+    inputs, ids = _model_inputs(model, batch, device)
+    if capture is None or (isinstance(inputs, dict) and "labels" in inputs):  # labels: the model computes its own loss on the logits
+        return next_token_nll(logits_of(_call(model, inputs)), ids)
+    with capture.active():
+        output = _call(model, inputs)
+    hidden, took = capture.hidden, capture.took(logits_of(output))
+    capture.hidden = capture.marker = None
+    if not took:
+        raise RuntimeError(f"{type(model).__name__} transformed its LM head's output on this batch but not on the probe; cannot chunk the loss")
+    head_needs_grad = any(p.requires_grad for p in capture.head.parameters())
+    return lean_backward.chunked_next_token_nll(capture.forward, hidden, ids, capture.head.out_features, head_needs_grad)
 
 
 @dataclass
@@ -216,21 +261,53 @@ def _is_quantized(p: torch.Tensor) -> bool:
     return isinstance(p, GWQTensor)
 
 
-def run_calibration(model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True) -> int:
+def batch_count(calibration_data: Any) -> int | None:
+    """How many samples :func:`iter_batches` will yield, when it is known up front (progress totals)."""
+    data = getattr(calibration_data, "batches", calibration_data)  # calibration_inputs' checked wrapper
+    if isinstance(data, torch.Tensor):
+        return 1 if data.dim() == 1 else data.shape[0]
+    if isinstance(data, collections.abc.Mapping):
+        return 1
+    if isinstance(data, (list, tuple)) and all(isinstance(b, (torch.Tensor, collections.abc.Mapping)) for b in data):
+        return sum(batch_count(b) for b in data)
+    return None
+
+
+@contextlib.contextmanager
+def bounded_memory(model: torch.nn.Module, backward: bool) -> Iterator["lean_backward.HeadCapture | None"]:
+    """SDPA attention, checkpointed decoder layers and the chunked loss for the calibration's
+    backward passes (:mod:`gwq_compile.lean_backward`); yields the LM head capture, if any."""
+    if not backward:  # no backward pass: no activation is kept, the plain forward is lean already
+        yield None
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with lean_backward.sdpa_attention(model), lean_backward.checkpointed_layers(model):
+        yield lean_backward.head_capture(model, lambda ids: _call(model, _model_inputs(model, ids, device)[0]))
+
+
+def run_calibration(
+    model: torch.nn.Module, calibration_data: Any, backward: bool = True, progress: bool = True, bounded: bool = True, loss_scale: float = 1.0
+) -> int:
     """Forward + next-token loss (+ backward) over every batch; returns the number of batches.
 
     The hooks installed by :func:`prepare_weight` do the accumulation.  ``backward=False``
-    serves saliencies that need only the forward Hessian.
+    serves saliencies that need only the forward Hessian.  ``bounded``: checkpointed layers,
+    chunked loss and SDPA (:func:`bounded_memory`); ``False`` keeps every activation (the
+    reference the checkpointed calibration is tested against).  ``loss_scale`` multiplies
+    the loss before backward (0 on the FSDP2 ranks whose gradient must not count, see
+    :mod:`gwq_compile.distributed`).
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = 0
-    with torch.set_grad_enabled(backward):
-        for batch in tqdm(iter_batches(calibration_data), desc="GWQ calibration", disable=not progress, unit="sample"):
-            loss = _batch_loss(model, batch, device)
+    lean = bounded_memory(model, backward) if bounded else contextlib.nullcontext()
+    with torch.set_grad_enabled(backward), lean as capture:
+        batches = tqdm(iter_batches(calibration_data), desc="GWQ calibration", total=batch_count(calibration_data), disable=not progress, unit="sample")
+        for batch in batches:
+            loss = _batch_loss(model, batch, device, capture)
             if not torch.isfinite(loss):
                 raise ValueError(f"calibration loss is {loss.item()} on batch {n}: check the model and the calibration data")
             if backward:
-                loss.backward()
+                (loss if loss_scale == 1.0 else loss * loss_scale).backward()
             n += 1
     if n == 0:
         raise ValueError("calibration data is empty: give at least one sample of token ids")

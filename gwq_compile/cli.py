@@ -218,9 +218,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     data.load_text(args.calib_data, "calibration")  # a missing file or data folder fails here
     check_seqlen("--calib-seqlen", args.calib_seqlen, args.model)
-    model, tokenizer = load_model(args.model, args.dtype, progress=not args.no_progress)
-    calib = data.calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
-    gwq_compile.quantize_(model, config, calibration_data=calib)
+    from gwq_compile import distributed
+
+    if distributed.launched_distributed():  # torchrun --nproc-per-node N: FSDP2, each rank its rows
+        model, tokenizer = _quantize_distributed(args, config)
+        if model is None:
+            return 0  # not rank 0: rank 0 saves the one checkpoint
+    else:
+        model, tokenizer = load_model(args.model, args.dtype, progress=not args.no_progress)
+        calib = data.calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
+        gwq_compile.quantize_(model, config, calibration_data=calib)
     report = gwq_compile.quantization_report(model)
     # save_quantized builds the folder beside `out` and moves it into place in one step.
     gwq_compile.save_quantized(model, out, tokenizer=tokenizer)
@@ -229,6 +236,21 @@ def run_quantize(args: argparse.Namespace) -> int:
         f"{report['bits_per_weight']:.4f} bits/weight, {report['outliers']} fp16 outliers -> {out}"
     )
     return 0
+
+
+def _quantize_distributed(args: argparse.Namespace, config):
+    """``(model, tokenizer)`` on rank 0, ``(None, None)`` elsewhere: FSDP2 GWQ of a HF folder."""
+    from transformers import AutoTokenizer
+
+    from gwq_compile import data, distributed
+
+    if args.model is None or not Path(args.model).expanduser().is_dir():
+        raise ValueError(f"distributed GWQ (torchrun) reads a HF safetensors folder; got {args.model or 'smollm2'!r}")
+    folder = Path(args.model).expanduser()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    calib = data.calibration_tokens(tokenizer, args.calib_data, args.calib_samples, args.calib_seqlen, args.seed)
+    model = distributed.quantize_pretrained(folder, config, calib, torch_dtype(args.dtype))
+    return (model, tokenizer) if model is not None else (None, None)
 
 
 # ----------------------------------------------------------------------------- parser

@@ -27,7 +27,7 @@ import torch
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
-from gwq_compile import calibration, calibration_inputs, hf_registration, packing
+from gwq_compile import calibration, calibration_inputs, hf_registration, packing, ranking
 from gwq_compile.config import GWQConfig
 from gwq_compile.tensor import GWQTensor
 
@@ -87,7 +87,7 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
-    w = weight.detach().float()
+    w = calibration.local_tensor(weight.detach()).float()
     scales, zeros = packing.compute_group_qparams(
         w, None, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
     )
@@ -96,41 +96,42 @@ def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tens
 
 
 def layer_saliency(
-    weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False
+    weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False, in_place: bool = False
 ) -> torch.Tensor:
     """The outlier score of every weight, in ``weight``'s ``[out, in]`` layout.
 
     ``grad_in_out``: the accumulated gradients have the transposed ``[in, out]`` layout
     (HF ``Conv1D``).  ``"grad_error"`` scores ``sum |g| * (W - RTN(W))^2``: a weight
     that rounds (almost) exactly costs nothing to quantize, however sensitive.
+    ``in_place``: write the scores over ``state.saliency_sum`` (the same values, no second
+    fp32 copy of the layer); :func:`layer_scores` does that once and keeps the result.
     """
+    if state.scores is not None:
+        return state.scores
     if config.saliency == "hessian":
         from gwq_compile.gptq import hessian_saliency
 
-        return hessian_saliency(weight.detach().float(), state.hessian, damp=config.damp)
+        return hessian_saliency(calibration.local_tensor(weight.detach()).float(), state.hessian, damp=config.damp)
     saliency = state.saliency_sum.t() if grad_in_out else state.saliency_sum
     if config.saliency == "grad_error":
-        saliency = saliency * rounding_error(weight, layer_config(config, state), state.input_sq).square_()
+        error = rounding_error(weight, layer_config(config, state), state.input_sq).square_()
+        saliency = saliency.mul_(error) if in_place else saliency * error
     return saliency
 
 
-def model_outlier_counts(scores: list[torch.Tensor], ratio: float) -> list[int]:
-    """Each layer's share of the model's ``round(ratio * total)`` highest scores.
+def layer_scores(weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False) -> torch.Tensor:
+    """:func:`layer_saliency`, checked, computed once: gradient scores replace the layer's
+    saliency sum (``state.scores``); Hessian scores are recomputed on each call (nothing is kept)."""
+    if state.scores is not None:
+        return state.scores
+    scores = layer_saliency(weight, state, config, grad_in_out, in_place=True)
+    calibration.check_finite(scores, "the saliency", state.name)
+    if config.needs_gradients:
+        state.scores, state.saliency_sum = scores, None
+    return scores
 
-    Example:
-        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.5)
-        [1, 1]
-        >>> model_outlier_counts([torch.tensor([[9.0, 1.0]]), torch.tensor([[8.0, 7.0]])], 0.75)
-        [1, 2]
-    """
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    count = round(ratio * flat.numel())
-    if count == 0:
-        return [0] * len(scores)
-    # Ranks, not a threshold, so ties at the boundary are split exactly as topk splits them.
-    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([s.numel() for s in scores]))
-    chosen = owner[flat.topk(count).indices]
-    return torch.bincount(chosen, minlength=len(scores)).tolist()
+
+model_outlier_counts = ranking.layer_counts  # each layer's share of the model's top round(ratio * total) scores
 
 
 def ranking_entries(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, calibration.LayerCalibration, bool]]:
@@ -138,13 +139,9 @@ def ranking_entries(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, 
     return [(m.weight, calibration.layer_state(m.weight), False) for m in modules]
 
 
-def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> None:
-    """``outlier_scope="model"``: rank the weights of all calibrated layers together and store
-    each layer's outlier mask (``[out, in]``) on its calibration state.  ``layers``:
-    ``(weight [out, in], state, grad_in_out)``; tied weights (one state) count once; layers
-    that will stay dense (no gradient) take no share.  Holds every layer's fp32 scores
-    (and one flat copy) while ranking: 8 bytes per weight at the peak.
-    """
+def ranked_layers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> list:
+    """The entries that take part in the ranking: tied weights (one state) count once; layers
+    that will stay dense (no gradient) or are already quantized take no share."""
     seen, entries = set(), []
     for weight, state, grad_in_out in layers:
         if state is None or id(state) in seen or state.quantized is not None:
@@ -152,24 +149,43 @@ def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibr
         seen.add(id(state))
         if (config.needs_gradients and state.n_backward == 0) or (config.needs_hessian and state.hessian is None):
             continue
-        scores = layer_saliency(weight, state, config, grad_in_out)
-        calibration.check_finite(scores, "the saliency", state.name)
-        entries.append((state, scores))
-    counts = model_outlier_counts([s for _, s in entries], config.outlier_ratio)
-    for (state, scores), count in zip(entries, counts):
-        state.outlier_mask = select_outliers(scores, config.outlier_ratio, "model", count)
+        entries.append((weight, state, grad_in_out))
+    return entries
+
+
+def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig, distributed: bool = False) -> None:
+    """``outlier_scope="model"``: rank the weights of all calibrated layers together and store
+    each layer's share (the model-wide threshold and its ties) on its calibration state;
+    :func:`layer_outlier_mask` builds the mask when the layer is packed.  ``layers``:
+    ``(weight [out, in], state, grad_in_out)``.  Streams over the layers
+    (:mod:`gwq_compile.ranking`): beyond the saliency sums, which the scores overwrite, it
+    holds one layer's comparisons and the top ``outlier_ratio`` of the scores.
+    ``distributed``: the weights are FSDP2 ``DTensor`` shards; the processes agree on the
+    threshold and the ties with collectives, each scores its own rows.
+    """
+    entries = ranked_layers(layers, config)
+    count = round(config.outlier_ratio * sum(w.numel() for w, _, _ in entries))
+
+    def scores(desc: str):
+        for weight, state, grad_in_out in tqdm(entries, desc=desc, disable=not config.progress, unit="layer"):
+            yield layer_scores(weight, state, config, grad_in_out)
+
+    threshold = ranking.model_threshold(scores("GWQ ranking (threshold)"), count, distributed)
+    ties = ranking.tie_shares(scores("GWQ ranking (ties)"), threshold, distributed)
+    for (_, state, _), layer_ties in zip(entries, ties):
+        state.outlier_threshold, state.outlier_ties = threshold.value, layer_ties
 
 
 def layer_outlier_mask(weight: torch.Tensor, state: calibration.LayerCalibration, config: GWQConfig, grad_in_out: bool = False) -> torch.Tensor:
     """The layer's outliers: its own top scores, or its share of the model-wide ranking
     (``outlier_scope="model"``, which :func:`rank_model_outliers` must have run)."""
     if config.outlier_scope == "model":
-        if state.outlier_mask is None:
+        if state.outlier_threshold is None:
             raise ValueError(
                 f"layer {state.name!r}: outlier_scope='model' ranks all layers together; convert with "
                 "gwq_compile.quantize_, the gwq backend, or torchao's quantize_ with filter_fn=gwq_filter(model, config)"
             )
-        return state.outlier_mask
+        return ranking.threshold_mask(layer_scores(weight, state, config, grad_in_out), state.outlier_threshold, state.outlier_ties)
     saliency = layer_saliency(weight, state, config, grad_in_out)
     calibration.check_finite(saliency, "the saliency", state.name)
     return select_outliers(saliency, config.outlier_ratio, config.outlier_scope)
@@ -245,7 +261,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         except ValueError as err:
             raise ValueError(f"layer {state.name!r}: {err}") from err
         state.quantized = torch.nn.Parameter(qweight, requires_grad=False)
-        state.outlier_mask = None  # packed into qweight's CSR now
+        state.scores = state.saliency_sum = None  # packed into qweight now: free the layer's fp32 scores
         calibration.release_weight(weight)
         setattr(weight, calibration._STATE_ATTR, state)  # keep the result reachable for tied modules
     module.weight = state.quantized
@@ -420,7 +436,7 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
         raise ValueError("no layer received a gradient between prepare and convert: call loss.backward() on a loss of the model's output")
     if config.outlier_scope == "model":
         pending = ranking_entries([m for _, m in prepared if not isinstance(m.weight, GWQTensor)])
-        if any(state.outlier_mask is None for _, state, _ in pending):  # the backend ranks them with its Conv1D layers first
+        if any(state.outlier_threshold is None for _, state, _ in pending):  # the backend ranks them with its Conv1D layers first
             rank_model_outliers(pending, config)
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
         convert_linear(mod, config)

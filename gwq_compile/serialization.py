@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from gwq_compile import packing
 from gwq_compile.tensor import GWQTensor
@@ -106,7 +107,10 @@ def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     layers: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     canonical: dict[int, str] = {}
-    for name, t, _kind in named_tensors(model):
+    config = getattr(model, "_gwq_config", None)
+    named = named_tensors(model)
+    progress = tqdm(named, desc="GWQ saving", total=len(named), disable=config is None or not config.progress, unit="tensor")
+    for name, t, _kind in progress:
         if id(t) in canonical:
             aliases[name] = canonical[id(t)]
             continue
@@ -124,7 +128,6 @@ def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
             }  # fmt: skip
         else:
             tensors[name] = t.detach().cpu().contiguous()
-    config = getattr(model, "_gwq_config", None)
     metadata = {
         "format": "pt",  # what transformers writes; GWQ's own version is below
         META_VERSION: str(FORMAT_VERSION),
