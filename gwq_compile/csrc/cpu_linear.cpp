@@ -140,6 +140,16 @@ void tiled_linear(
   });
 }
 
+// Calls fn with the outliers' column indices as stored: int16, or int32 for K > 32767.
+template <typename Fn>
+void with_column_index(const at::Tensor& col, Fn&& fn) {
+  if (col.scalar_type() == at::kShort) {
+    fn(col.const_data_ptr<int16_t>());
+  } else {
+    fn(col.const_data_ptr<int32_t>());
+  }
+}
+
 template <typename index_t, typename out_t>
 void add_outliers_and_store(
     const at::BFloat16* __restrict__ y, int64_t ldy, const float* __restrict__ xt, int64_t m_rows,
@@ -232,11 +242,7 @@ at::Tensor linear(
             kernel_column.data(), row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
             b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
       };
-      if (col_c.scalar_type() == at::kShort) {
-        run(col_c.const_data_ptr<int16_t>());
-      } else {
-        run(col_c.const_data_ptr<int32_t>());
-      }
+      with_column_index(col_c, run);
     });
     return out;
   }
@@ -249,11 +255,7 @@ at::Tensor linear(
           y.const_data_ptr<at::BFloat16>(), y.size(1), xt.const_data_ptr<float>(), m_rows, row_ptr_c.const_data_ptr<int32_t>(),
           col, val_c.const_data_ptr<at::Half>(), b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
     };
-    if (col_c.scalar_type() == at::kShort) {
-      run(col_c.const_data_ptr<int16_t>());
-    } else {
-      run(col_c.const_data_ptr<int32_t>());
-    }
+    with_column_index(col_c, run);
   });
   return out;
 }
