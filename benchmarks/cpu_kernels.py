@@ -57,7 +57,7 @@ def variants(n: int, k: int, m: int) -> dict:
 
     def gwq(tile_min_rows: int):
         return lambda: torch.ops.gwq_cpu.linear.default(
-            x, codes, grid, *p[3:6], None, km.tile_group, k, km.pad, km.gather, False, tile_min_rows
+            x, codes, grid, *p[3:6], None, km.tile_group, k, km.pad, km.gather, False, tile_min_rows, 0
         )
 
     return {"fp32": lambda: F.linear(x, wd), "bf16": lambda: F.linear(xb, wb), "int4": gwq(NEVER), "tile": gwq(ALWAYS)}

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_dir", "reason_unavailable"]
+__all__ = ["available", "build_dir", "gemv_supported", "path_calls", "reason_unavailable"]
+
+#: The compiled kernel's paths, in the order ``torch.ops.gwq_cpu.path_calls`` counts them.
+PATHS = ("gemv", "int4", "tile")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_linear.cpp"
 
@@ -40,7 +43,7 @@ def build_dir() -> Path:
     versions on one machine would otherwise rebuild one directory in turn, and a process
     could load the library another checkout's source just built."""
     root = os.environ.get("GWQ_EXTENSIONS_DIR") or Path.home() / ".cache" / "gwq_compile"
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".cpp", ".h"))).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}-{digest}"
     return Path(root) / tag
 
@@ -60,7 +63,7 @@ def _load() -> str | None:
     return None
 
 
-def _fake_linear(x, codes, scales_zeros, row_ptr, col_idx, values, bias, tile_group, in_features, pad, gather, repeat_k, tile_min_rows):
+def _fake_linear(x, codes, scales_zeros, row_ptr, col_idx, values, bias, tile_group, in_features, pad, gather, repeat_k, tile_min_rows, gemv_max_rows):
     """Shape and dtype of ``torch.ops.gwq_cpu.linear`` (so compiled graphs can call it directly)."""
     return x.new_empty(*x.shape[:-1], row_ptr.shape[0] - 1)
 
@@ -78,6 +81,18 @@ def available() -> bool:
     if reason is not None:
         _warn_once(reason)
     return reason is None
+
+
+def gemv_supported() -> bool:
+    """Whether the kernel's AVX512-BF16 decode GEMV runs on this CPU (else decode uses torch's int4 GEMM)."""
+    return available() and bool(torch.ops.gwq_cpu.gemv_supported())
+
+
+def path_calls() -> dict[str, int]:
+    """Calls of the compiled kernel so far by the path they took (``PATHS``): the tests' proof of which ran."""
+    if not available():
+        return dict.fromkeys(PATHS, 0)
+    return dict(zip(PATHS, torch.ops.gwq_cpu.path_calls()))
 
 
 @functools.cache

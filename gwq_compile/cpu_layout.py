@@ -75,6 +75,10 @@ COMPUTE_DTYPE = torch.bfloat16
 #: a time into an fp32 tile and multiplies fp32 x by it with at::mm: there torch's int4 GEMM
 #: is slower than an fp32 sgemm on this project's CPUs (``benchmarks/cpu_kernels.py``).
 TILE_MIN_ROWS = 32
+#: Up to this many rows of x (decode), on CPUs with AVX512-BF16, the compiled kernel runs its
+#: own GEMV over the same packing (``csrc/cpu_gemv_bf16.h``) instead of torch's int4 GEMM,
+#: which at one row is no faster than an fp32 sgemv (``benchmarks/cpu_kernels.py``).
+GEMV_MAX_ROWS = 1
 
 # torch warns once per process that CSR tensors are "in beta" when outlier_product builds
 # one; that is torch's note about its API, not about this product.  Only warnings raised
@@ -329,7 +333,7 @@ def linear(
         km = k_map(in_features, group_size, bits)
         return torch.ops.gwq_cpu.linear.default(
             x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias,
-            km.tile_group, in_features, km.pad, km.gather, bits == 8, TILE_MIN_ROWS,
+            km.tile_group, in_features, km.pad, km.gather, bits == 8, TILE_MIN_ROWS, GEMV_MAX_ROWS,
         )  # fmt: skip
     return linear_aten(x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, in_features)
 

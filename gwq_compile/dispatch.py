@@ -151,7 +151,8 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
                 tile_group, pad, repeat_k = ints
                 codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
                 return torch.ops.gwq_cpu.linear.default(
-                    x, codes, grid, row_ptr, col_idx, values, bias, tile_group, weight.shape[1], pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS
+                    x, codes, grid, row_ptr, col_idx, values, bias, tile_group, weight.shape[1], pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
+                    cpu_layout.GEMV_MAX_ROWS,
                 )
         if torch.compiler.is_compiling() or needs_grad:
             return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula

@@ -153,6 +153,63 @@ def test_every_format(bits: int, group_size: int, m: int, kernel: str) -> None:
     check_close(fast_linear(x, p, bias, kernel), x, p, bias)
 
 
+needs_gemv = pytest.mark.skipif(not cpu_kernel.gemv_supported(), reason="this CPU has no AVX512-BF16: decode uses torch's int4 GEMM")
+
+
+def kernel_path_linear(x, p, bias, gemv_max_rows: int, path: str):
+    """The compiled kernel on ``p`` with the given GEMV row limit; ``path`` must be the one that ran."""
+    codes, grid = cpu_layout.pack(p)
+    km = cpu_layout.k_map(p.in_features, p.group_size, p.bits)
+    before = cpu_kernel.path_calls()
+    y = torch.ops.gwq_cpu.linear.default(
+        x, codes, grid, *p[3:6], bias, km.tile_group, p.in_features, km.pad, km.gather, p.bits == 8, cpu_layout.TILE_MIN_ROWS, gemv_max_rows
+    )
+    after = cpu_kernel.path_calls()
+    assert {k: after[k] - before[k] for k in after} == {k: int(k == path) for k in after}, f"expected the {path} path"
+    return y
+
+
+@needs_gemv
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=problems())
+def test_decode_gemv_matches_reference(c: dict) -> None:
+    """The AVX512-BF16 GEMV (csrc/cpu_gemv_bf16.h) on 1-4 rows of x, over the same random
+    formats, outlier layouts and dtypes as the rest of the fast path."""
+    p = make_weight(c["n"], c["k"], c["bits"], c["group_size"], c["density"], c["seed"], c["empty_rows"], c["dense_col"])
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    m = 1 + c["m"] % 4
+    shape = (1, m, c["k"]) if c["three_d"] else (m, c["k"])
+    x = torch.randn(*shape, generator=gen).to(c["dtype"])
+    bias = torch.randn(c["n"], generator=gen).to(c["dtype"]) if c["bias"] else None
+    check_close(kernel_path_linear(x, p, bias, 4, "gemv"), x, p, bias)
+
+
+@needs_gemv
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000])
+@pytest.mark.parametrize("bits,group_size,k", [(4, 64, 576), (8, 128, 576), (3, 32, 33), (2, -1, 200), (4, 48, 150)])
+def test_decode_gemv_edge_shapes(bits: int, group_size: int, k: int, n: int) -> None:
+    """Partial 64-row blocks, one row, 8-bit codes (two nibbles), padded and gathered groups."""
+    p = make_weight(n, k, bits, group_size, density=0.02, seed=n + k + bits, dense_col=True)
+    x = torch.randn(1, k)
+    bias = torch.randn(n)
+    check_close(kernel_path_linear(x, p, bias, 1, "gemv"), x, p, bias)
+
+
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (3, "int4"), (40, "tile")])
+def test_the_fast_path_takes_the_kernel_path_its_rows_ask_for(m: int, path: str) -> None:
+    """cpu_layout.linear: decode rows on the GEMV (where the CPU has it), other small M on
+    torch's int4 GEMM, prefill on dequantized tiles."""
+    if path == "gemv" and not cpu_kernel.gemv_supported():
+        path = "int4"
+    p = make_weight(70, 150, 4, 64, density=0.05, seed=m)
+    x = torch.randn(m, 150)
+    before = cpu_kernel.path_calls()
+    y = fast_linear(x, p, None)
+    after = cpu_kernel.path_calls()
+    assert {k: after[k] - before[k] for k in after} == {k: int(k == path) for k in after}
+    check_close(y, x, p, None)
+
+
 def test_the_compiled_kernel_is_built_here() -> None:
     """CI machines have g++ and ninja: the fast path must not quietly use its ATen version there."""
     assert cpu_kernel.reason_unavailable() is None

@@ -20,7 +20,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_gemv_bf16.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -28,6 +31,10 @@
 #include <vector>
 
 namespace {
+
+// Calls per path (the tests' proof of which one ran; relaxed atomics cost nothing per call).
+enum Path { kGemv = 0, kInt4 = 1, kTile = 2 };
+std::atomic<int64_t> path_calls[3];
 
 constexpr int64_t kBlockN = 64;     // rows per block of the packed operand (cpu_layout.BLOCK_N)
 constexpr int64_t kTileBlocks = 4;  // blocks per fp32 tile: 256 output columns per at::mm (benchmarks/cpu_kernels.py)
@@ -194,11 +201,49 @@ void add_outliers_and_store(
   });
 }
 
+// out = x' @ W.T + outliers + bias for a few rows of x (decode), by the AVX512-BF16 GEMV of
+// cpu_gemv_bf16.h on torch's packing: per row of x, every 64-row block of W in parallel, then
+// that block's outliers (fp32 x) and bias fused into the store.
+template <typename index_t, typename out_t>
+void gemv_linear(
+    const at::Tensor& xk, const at::Tensor& x32, const uint8_t* __restrict__ codes, const uint16_t* __restrict__ grid,
+    int64_t padded_rows, int64_t tile_group, const int32_t* __restrict__ row_ptr, const index_t* __restrict__ col,
+    const at::Half* __restrict__ val, const float* __restrict__ bias, out_t* __restrict__ out, int64_t n_cols) {
+  const int64_t m_rows = xk.size(0), columns = xk.size(1), in_features = x32.size(1);
+  const int64_t blocks = (n_cols + gwq_gemv::kRows - 1) / gwq_gemv::kRows;
+  std::vector<uint32_t> pairs(columns * 4);
+  std::vector<float> group_sums(columns / tile_group);
+  // ~64 K multiply-adds per task at least: a thread's start costs more than a smaller block run.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (gwq_gemv::kRows * columns));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    gwq_gemv::arrange_x(
+        reinterpret_cast<const uint16_t*>(xk.const_data_ptr<at::BFloat16>()) + m * columns, columns, tile_group, pairs.data(),
+        group_sums.data());
+    const float* __restrict__ xm = x32.const_data_ptr<float>() + m * in_features;
+    out_t* __restrict__ om = out + m * n_cols;
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) float y[gwq_gemv::kRows];
+      for (int64_t b = begin; b < end; ++b) {
+        gwq_gemv::block_dot(
+            codes + b * gwq_gemv::kRows * columns / 2, grid + b * gwq_gemv::kRows * 2, padded_rows * 2, pairs.data(), group_sums.data(),
+            columns, tile_group, y);
+        const int64_t n0 = b * gwq_gemv::kRows, rows = std::min<int64_t>(gwq_gemv::kRows, n_cols - n0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          float acc = y[r] + (bias ? bias[n] : 0.f);
+          for (int32_t j = row_ptr[n]; j < row_ptr[n + 1]; ++j) acc += gwq_gemv::half_to_float(val[j].x) * xm[col[j]];
+          om[n] = static_cast<out_t>(acc);
+        }
+      }
+    });
+  }
+}
+
 at::Tensor linear(
     const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros, const at::Tensor& row_ptr,
     const at::Tensor& col_idx, const at::Tensor& values, const std::optional<at::Tensor>& bias,
     int64_t tile_group, int64_t in_features, int64_t pad, const std::optional<at::Tensor>& gather, bool repeat_k,
-    int64_t tile_min_rows) {
+    int64_t tile_min_rows, int64_t gemv_max_rows) {
   TORCH_CHECK(x.size(-1) == in_features, "gwq_cpu.linear: x has ", x.size(-1), " features, the weight ", in_features);
   TORCH_CHECK(row_ptr.scalar_type() == at::kInt && values.scalar_type() == at::kHalf, "gwq_cpu.linear: CSR must be int32 row_ptr, fp16 values");
   TORCH_CHECK(codes.is_contiguous() && scales_zeros.is_contiguous() && codes.scalar_type() == at::kByte, "gwq_cpu.linear: codes must be contiguous uint8, scales_zeros contiguous");
@@ -225,6 +270,7 @@ at::Tensor linear(
   xk = xk.contiguous();
 
   if (tiled) {
+    path_calls[kTile].fetch_add(1, std::memory_order_relaxed);
     // Kernel column of each input feature (where its outliers go in the tile): the gather's inverse.
     std::vector<int64_t> kernel_column(in_features);
     for (int64_t c = 0; c < in_features; ++c) kernel_column[c] = c;
@@ -247,6 +293,22 @@ at::Tensor linear(
     return out;
   }
 
+  if (m_rows <= gemv_max_rows && gwq_gemv::supported() && tile_group % 4 == 0) {
+    path_calls[kGemv].fetch_add(1, std::memory_order_relaxed);
+    at::Tensor x32 = x2.to(at::kFloat).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_gemv", [&] {
+      auto run = [&](auto* col) {
+        gemv_linear(
+            xk, x32, codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales_zeros.const_data_ptr<at::BFloat16>()),
+            codes.size(0), tile_group, row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
+            b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
+      };
+      with_column_index(col_c, run);
+    });
+    return out;
+  }
+
+  path_calls[kInt4].fetch_add(1, std::memory_order_relaxed);
   at::Tensor y = at::_weight_int4pack_mm_for_cpu(xk, codes, tile_group, scales_zeros);
   at::Tensor xt = values.numel() ? x2.t().to(at::kFloat).contiguous() : at::empty({0}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear", [&] {
@@ -265,7 +327,17 @@ at::Tensor linear(
 TORCH_LIBRARY(gwq_cpu, m) {
   m.def(
       "linear(Tensor x, Tensor codes, Tensor scales_zeros, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
-      "int tile_group, int in_features, int pad, Tensor? gather, bool repeat_k, int tile_min_rows) -> Tensor");
+      "int tile_group, int in_features, int pad, Tensor? gather, bool repeat_k, int tile_min_rows, int gemv_max_rows) -> Tensor");
+  m.def("gemv_supported() -> bool");
+  m.def("path_calls() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(gwq_cpu, CPU, m) { m.impl("linear", &linear); }
+
+// Whether this CPU runs the AVX512-BF16 decode GEMV (else decode uses torch's int4 GEMM).
+TORCH_LIBRARY_IMPL(gwq_cpu, CompositeExplicitAutograd, m) {
+  m.impl("gemv_supported", [] { return gwq_gemv::supported(); });
+  m.impl("path_calls", [] {
+    return std::vector<int64_t>{path_calls[kGemv].load(), path_calls[kInt4].load(), path_calls[kTile].load()};
+  });
+}
