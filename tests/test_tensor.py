@@ -91,3 +91,18 @@ def test_reference_op_equals_packing_reference() -> None:
     x = torch.randn(3, 40)
     y = torch.ops.gwq.linear(x, *p[:6], None, p.bits, p.group_size, p.in_features)
     torch.testing.assert_close(y, x @ packing.dequantize_weight(p).T)
+
+
+def test_fast_flatten_equals_torchaos_generic_one() -> None:
+    """GWQTensor.__tensor_flatten__ (cheap: compiled graphs' guards call it per weight per call)
+    gives what torchao's generic version gives, in both layouts, after copies and dtype moves."""
+    import copy
+
+    from torchao.utils import TorchAOBaseTensor
+
+    w = torch.randn(70, 150)
+    mask = torch.rand(70, 150) < 0.02
+    for layout in ("planes", "cpu_int4"):
+        q = GWQTensor.from_packed(packing.quantize_weight(w, mask, bits=3, group_size=64), torch.float32, layout=layout)
+        for t in (q, copy.deepcopy(q), q.to(torch.bfloat16), q.detach()):
+            assert t.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(t)

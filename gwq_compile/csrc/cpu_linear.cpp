@@ -82,10 +82,13 @@ const NibbleMap& nibble_map(int64_t columns) {
   return cache.emplace(columns, std::move(map)).first->second;
 }
 
-// out = x' @ W.T + bias for M >= tile_min_rows: kTileBlocks 64-row blocks of W at a time are
-// dequantized into an fp32 tile [columns, 256] (k-major: the GEMM's B operand as is), their
-// outliers added into the tile at their kernel columns, then one at::mm per tile; tiles run in
-// parallel.
+// out = x' @ W.T + bias for M >= tile_min_rows: up to kTileBlocks 64-row blocks of W at a time
+// are dequantized into an fp32 tile [columns, <= 256] (k-major: the GEMM's B operand as is),
+// their outliers added into the tile at their kernel columns, then one at::mm per tile.
+// Work items are (tile, slice of x's rows): the tiles are made equal in width, and when their
+// number does not divide among the threads, x's rows are split into one slice per thread, so
+// every thread gets the same work (a 576-row weight is three 192-row tiles, not 256 + 256 + 64
+// left to two threads); a tile is then dequantized once per slice, a few % of the GEMM.
 template <typename index_t, typename out_t>
 void tiled_linear(
     const at::Tensor& xk, const uint8_t* __restrict__ codes, const at::BFloat16* __restrict__ grid, int64_t padded_rows,
@@ -94,16 +97,22 @@ void tiled_linear(
     int64_t n_cols) {
   const int64_t m_rows = xk.size(0), columns = xk.size(1);
   const NibbleMap& map = nibble_map(columns);
-  const int64_t width = kTileBlocks * kBlockN;  // output columns per tile (per at::mm)
+  const int64_t blocks = (n_cols + kBlockN - 1) / kBlockN;
+  const int64_t tile_blocks = (blocks + (blocks + kTileBlocks - 1) / kTileBlocks - 1) / ((blocks + kTileBlocks - 1) / kTileBlocks);
+  const int64_t width = tile_blocks * kBlockN;  // output columns per tile (per at::mm)
   const int64_t tiles = (n_cols + width - 1) / width;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t slices = (tiles % threads == 0) ? 1 : std::min<int64_t>(threads, m_rows);
+  at::parallel_for(0, tiles * slices, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({columns, width}, xk.options());
     float* __restrict__ w = tile.data_ptr<float>();
     float scale[kBlockN], zero[kBlockN];
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / slices, slice = item % slices;
+      const int64_t m0 = m_rows * slice / slices, m1 = m_rows * (slice + 1) / slices;
       const int64_t n0 = t * width, rows = std::min(width, n_cols - n0);
       for (int64_t j = 0; j * kBlockN < rows; ++j) {  // dequantize each 64-row block into tile columns [64 j, 64 j + 64)
-        const int64_t b = t * kTileBlocks + j;
+        const int64_t b = t * tile_blocks + j;
         const uint8_t* __restrict__ block = codes + b * kBlockN * columns / 2;
         for (int64_t k = 0; k < columns; ++k) {
           if (k % tile_group == 0) {
@@ -136,11 +145,11 @@ void tiled_linear(
           w[kernel_column[col[j]] * width + r] += static_cast<float>(val[j]);
         }
       }
-      at::Tensor y = at::mm(xk, tile.narrow(1, 0, rows));  // [M, rows]
+      at::Tensor y = at::mm(xk.narrow(0, m0, m1 - m0), tile.narrow(1, 0, rows));  // [m1 - m0, rows]
       const float* __restrict__ yp = y.const_data_ptr<float>();
-      for (int64_t m = 0; m < m_rows; ++m) {
+      for (int64_t m = m0; m < m1; ++m) {
         for (int64_t r = 0; r < rows; ++r) {
-          out[m * n_cols + n0 + r] = static_cast<out_t>(yp[m * rows + r] + (bias ? bias[n0 + r] : 0.f));
+          out[m * n_cols + n0 + r] = static_cast<out_t>(yp[(m - m0) * rows + r] + (bias ? bias[n0 + r] : 0.f));
         }
       }
     }
