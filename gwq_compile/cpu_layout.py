@@ -24,11 +24,21 @@ the linear:
 
 :func:`linear` runs it all in one call of the compiled kernel ``torch.ops.gwq_cpu.linear``
 (``csrc/cpu_linear.cpp``, built on first use by :mod:`gwq_compile.cpu_kernel`), which adds
-the outliers and the bias in the same pass that stores the output.  From
-:data:`TILE_MIN_ROWS` rows of x on (prefill) that kernel does not use torch's int4 GEMM,
-which is ~2x slower than an fp32 sgemm there: it dequantizes 256 rows of the weight at a
-time (codes, the same bf16 grid, outliers) into an fp32 tile that stays in cache and
-multiplies fp32 x by it, so x is not rounded and the dense weight is never built whole.
+the outliers and the bias in the same pass that stores the output.  It has three paths on
+this one operand, by the rows M of x (limits measured by ``benchmarks/cpu_kernels.py``):
+
+* M <= :data:`GEMV_MAX_ROWS` (decode), on CPUs with AVX512-BF16: its own GEMV
+  (``csrc/cpu_gemv_bf16.h``), bf16 x against the exact codes with fp32 accumulation, ~1.7x
+  torch's int4 GEMM at M = 1; the fp16 outliers added in fp32 with fp32 x;
+* other M below :data:`TILE_MIN_ROWS`: torch's int4 GEMM (bf16 x), outliers as above;
+* M >= :data:`TILE_MIN_ROWS` (prefill): up to 256 rows of the weight at a time are
+  dequantized into a tile that stays in cache and multiplied by x with ``at::mm``, so the
+  dense weight is never built whole.  With AVX512-BF16 the tile and x are bf16 (the
+  outliers rounded into the tile: the salient weights at bf16 precision, as in a bf16
+  model), since the bf16 GEMM runs ~3.5x the fp32 one here; elsewhere fp32 and exact.
+
+So the CPU path computes in bf16 at every M on such CPUs: x rounded to bf16 everywhere, the
+weight rounded to bf16 only in prefill tiles; accumulation is fp32 throughout.
 :func:`linear_aten` is the int4 computation in ATen ops (the outliers by one
 ``torch.sparse.mm``) at every M, for machines without a compiler and as a second
 implementation the tests hold to the same bound.
@@ -78,7 +88,7 @@ TILE_MIN_ROWS = 32
 #: Up to this many rows of x (decode), on CPUs with AVX512-BF16, the compiled kernel runs its
 #: own GEMV over the same packing (``csrc/cpu_gemv_bf16.h``) instead of torch's int4 GEMM,
 #: which at one row is no faster than an fp32 sgemv (``benchmarks/cpu_kernels.py``).
-GEMV_MAX_ROWS = 1
+GEMV_MAX_ROWS = 2
 
 # torch warns once per process that CSR tensors are "in beta" when outlier_product builds
 # one; that is torch's note about its API, not about this product.  Only warnings raised

@@ -138,4 +138,23 @@ inline void block_dot(
   }
 }
 
+// One column k of a 64-row block of codes, dequantized to bf16 for the prefill tiles:
+// out[n] = bf16((q[n] - 8) * scale[n] + zero[n]), with offset[n] = zero[n] - 8 scale[n];
+// bytes = the column's 32 bytes (row b low nibble, row b + 32 high nibble).
+GWQ_TARGET_AVX512_BF16
+inline void dequant_column_bf16(const uint8_t* __restrict__ bytes, const float* __restrict__ scale, const float* __restrict__ offset, uint16_t* __restrict__ out) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i halves[2] = {_mm256_and_si256(b, low), _mm256_and_si256(_mm256_srli_epi16(b, 4), low)};
+  for (int h = 0; h < 2; ++h) {  // rows 0-31 (low nibbles), 32-63 (high nibbles)
+    __m512 v[2];
+    for (int q = 0; q < 2; ++q) {
+      const __m128i bytes16 = q == 0 ? _mm256_castsi256_si128(halves[h]) : _mm256_extracti128_si256(halves[h], 1);
+      const int r = 32 * h + 16 * q;
+      v[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16)), _mm512_loadu_ps(scale + r), _mm512_loadu_ps(offset + r));
+    }
+    _mm512_storeu_si512(out + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+  }
+}
+
 }  // namespace gwq_gemv

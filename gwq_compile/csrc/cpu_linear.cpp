@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -82,34 +83,43 @@ const NibbleMap& nibble_map(int64_t columns) {
   return cache.emplace(columns, std::move(map)).first->second;
 }
 
-// out = x' @ W.T + bias for M >= tile_min_rows: up to kTileBlocks 64-row blocks of W at a time
-// are dequantized into an fp32 tile [columns, <= 256] (k-major: the GEMM's B operand as is),
-// their outliers added into the tile at their kernel columns, then one at::mm per tile.
+// out = x' @ W.T + outliers + bias for M >= tile_min_rows: up to kTileBlocks 64-row blocks of W
+// at a time are dequantized into a tile [columns, <= 256] (k-major: the GEMM's B operand as
+// is), then one at::mm per tile.
+// * tile_t = BFloat16 where the CPU has AVX512-BF16 (its bf16 GEMM runs ~3.5x the fp32 one
+//   here, benchmarks/cpu_kernels.py): x' is bf16 and the tile holds the weight rounded to bf16,
+//   outliers included (bf16(bf16(codes' value) + outlier): the salient weights computed at
+//   bf16's 8-bit precision, as in a bf16 model; adding them separately in fp32 cost more than
+//   the GEMM at M = 512, the transposed stores).
+// * tile_t = float elsewhere: x' is fp32 and the tile exact to fp32.
 // Work items are (tile, slice of x's rows): the tiles are made equal in width, and when their
 // number does not divide among the threads, x's rows are split into one slice per thread, so
 // every thread gets the same work (a 576-row weight is three 192-row tiles, not 256 + 256 + 64
 // left to two threads); a tile is then dequantized once per slice, a few % of the GEMM.
-template <typename index_t, typename out_t>
+template <typename index_t, typename out_t, typename tile_t>
 void tiled_linear(
-    const at::Tensor& xk, const uint8_t* __restrict__ codes, const at::BFloat16* __restrict__ grid, int64_t padded_rows,
-    int64_t tile_group, const int64_t* __restrict__ kernel_column, const int32_t* __restrict__ row_ptr,
+    const at::Tensor& xk, const uint8_t* __restrict__ codes, const at::BFloat16* __restrict__ grid,
+    int64_t padded_rows, int64_t tile_group, const int64_t* __restrict__ kernel_column, const int32_t* __restrict__ row_ptr,
     const index_t* __restrict__ col, const at::Half* __restrict__ val, const float* __restrict__ bias, out_t* __restrict__ out,
     int64_t n_cols) {
+  constexpr bool kBf16 = std::is_same_v<tile_t, at::BFloat16>;
   const int64_t m_rows = xk.size(0), columns = xk.size(1);
   const NibbleMap& map = nibble_map(columns);
+  const bool vector_dequant = kBf16 && map.split_halves;
   const int64_t blocks = (n_cols + kBlockN - 1) / kBlockN;
-  const int64_t tile_blocks = (blocks + (blocks + kTileBlocks - 1) / kTileBlocks - 1) / ((blocks + kTileBlocks - 1) / kTileBlocks);
+  const int64_t tiles_wanted = (blocks + kTileBlocks - 1) / kTileBlocks;
+  const int64_t tile_blocks = (blocks + tiles_wanted - 1) / tiles_wanted;
   const int64_t width = tile_blocks * kBlockN;  // output columns per tile (per at::mm)
   const int64_t tiles = (n_cols + width - 1) / width;
   const int64_t threads = at::get_num_threads();
   const int64_t slices = (tiles % threads == 0) ? 1 : std::min<int64_t>(threads, m_rows);
   at::parallel_for(0, tiles * slices, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({columns, width}, xk.options());
-    float* __restrict__ w = tile.data_ptr<float>();
-    float scale[kBlockN], zero[kBlockN];
+    tile_t* __restrict__ w = tile.data_ptr<tile_t>();
+    alignas(64) float scale[kBlockN], zero[kBlockN], offset[kBlockN];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / slices, slice = item % slices;
-      const int64_t m0 = m_rows * slice / slices, m1 = m_rows * (slice + 1) / slices;
+      const int64_t m0 = m_rows * slice / slices, m1 = m_rows * (slice + 1) / slices, m_len = m1 - m0;
       const int64_t n0 = t * width, rows = std::min(width, n_cols - n0);
       for (int64_t j = 0; j * kBlockN < rows; ++j) {  // dequantize each 64-row block into tile columns [64 j, 64 j + 64)
         const int64_t b = t * tile_blocks + j;
@@ -120,36 +130,40 @@ void tiled_linear(
             for (int64_t n = 0; n < kBlockN; ++n) {
               scale[n] = static_cast<float>(sz[2 * n]);
               zero[n] = static_cast<float>(sz[2 * n + 1]);
+              offset[n] = zero[n] - 8.f * scale[n];
             }
           }
-          float* __restrict__ wk = w + k * width + j * kBlockN;
-          if (map.split_halves) {
+          tile_t* __restrict__ wk = w + k * width + j * kBlockN;
+          if (vector_dequant) {
+            gwq_gemv::dequant_column_bf16(block + k * (kBlockN / 2), scale, offset, reinterpret_cast<uint16_t*>(wk));
+          } else if (map.split_halves) {
             const uint8_t* __restrict__ bytes = block + k * (kBlockN / 2);
             constexpr int64_t half = kBlockN / 2;
             for (int64_t n = 0; n < half; ++n) {
-              wk[n] = static_cast<float>(static_cast<int>(bytes[n] & 15) - 8) * scale[n] + zero[n];
-              wk[n + half] = static_cast<float>(static_cast<int>(bytes[n] >> 4) - 8) * scale[n + half] + zero[n + half];
+              wk[n] = static_cast<tile_t>(static_cast<float>(bytes[n] & 15) * scale[n] + offset[n]);
+              wk[n + half] = static_cast<tile_t>(static_cast<float>(bytes[n] >> 4) * scale[n + half] + offset[n + half]);
             }
           } else {
             const int32_t* __restrict__ byte = map.byte.data() + k * kBlockN;
             const uint8_t* __restrict__ shift = map.shift.data() + k * kBlockN;
             for (int64_t n = 0; n < kBlockN; ++n) {
               const int q = (block[byte[n]] >> shift[n]) & 15;
-              wk[n] = static_cast<float>(q - 8) * scale[n] + zero[n];
+              wk[n] = static_cast<tile_t>(static_cast<float>(q) * scale[n] + offset[n]);
             }
           }
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         for (int32_t j = row_ptr[n0 + r]; j < row_ptr[n0 + r + 1]; ++j) {
-          w[kernel_column[col[j]] * width + r] += static_cast<float>(val[j]);
+          tile_t& t_w = w[kernel_column[col[j]] * width + r];
+          t_w = static_cast<tile_t>(static_cast<float>(t_w) + static_cast<float>(val[j]));
         }
       }
-      at::Tensor y = at::mm(xk.narrow(0, m0, m1 - m0), tile.narrow(1, 0, rows));  // [m1 - m0, rows]
-      const float* __restrict__ yp = y.const_data_ptr<float>();
+      at::Tensor y = at::mm(xk.narrow(0, m0, m_len), tile.narrow(1, 0, rows));  // [m_len, rows], tile_t
+      const tile_t* __restrict__ yp = y.const_data_ptr<tile_t>();
       for (int64_t m = m0; m < m1; ++m) {
         for (int64_t r = 0; r < rows; ++r) {
-          out[m * n_cols + n0 + r] = static_cast<out_t>(yp[(m - m0) * rows + r] + (bias ? bias[n0 + r] : 0.f));
+          out[m * n_cols + n0 + r] = static_cast<out_t>(static_cast<float>(yp[(m - m0) * rows + r]) + (bias ? bias[n0 + r] : 0.f));
         }
       }
     }
@@ -268,8 +282,9 @@ at::Tensor linear(
   at::Tensor row_ptr_c = row_ptr.contiguous(), col_c = col_idx.contiguous(), val_c = values.contiguous();
   at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const bool tiled = m_rows >= tile_min_rows;
-  // x' (module comment): fp32 for the tile path, bf16 for torch's int4 GEMM.
-  at::Tensor xk = x2.to(tiled ? at::kFloat : at::kBFloat16);
+  const bool bf16_tiles = tiled && gwq_gemv::supported();
+  // x' (module comment): bf16 for torch's int4 GEMM, the GEMV and bf16 tiles; fp32 for fp32 tiles.
+  at::Tensor xk = x2.to(tiled && !bf16_tiles ? at::kFloat : at::kBFloat16);
   if (gather.has_value()) {
     xk = at::constant_pad_nd(xk, {0, 1}).index_select(1, *gather);  // padded kernel columns read the appended zero
   } else if (pad > 0) {
@@ -292,10 +307,17 @@ at::Tensor linear(
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_tiled", [&] {
       auto run = [&](auto* col) {
-        tiled_linear(
-            xk, codes.const_data_ptr<uint8_t>(), scales_zeros.const_data_ptr<at::BFloat16>(), codes.size(0), tile_group,
-            kernel_column.data(), row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
-            b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
+        auto go = [&](auto tile_type) {
+          tiled_linear<std::remove_pointer_t<decltype(col)>, scalar_t, decltype(tile_type)>(
+              xk, codes.const_data_ptr<uint8_t>(), scales_zeros.const_data_ptr<at::BFloat16>(), codes.size(0), tile_group,
+              kernel_column.data(), row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
+              b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
+        };
+        if (bf16_tiles) {
+          go(at::BFloat16());
+        } else {
+          go(0.f);
+        }
       };
       with_column_index(col_c, run);
     });
