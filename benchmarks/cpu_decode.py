@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import GWQConfig, calibration_tokens, cpu_layout, dispatch, quantization_report, quantize_
+from gwq_compile import GWQConfig, calibration_tokens, cpu_kernel, cpu_layout, dispatch, quantization_report, quantize_
 from gwq_compile.data import tokenize, wikitext2_text
 from gwq_compile.eval import perplexity
 from gwq_compile.models import load_causal_lm
@@ -241,10 +241,12 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_
         f"- Batch 1, greedy, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; medians of {args.repeats} interleaved rounds",
         f"- Machine load (1/5/15-min load averages) at the start {', '.join(f'{v:.2f}' for v in load_before)}, at the end "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores: above ~0.5 other work shared the CPU)",
-        "- GWQ on CPU (`gwq_compile/cpu_layout.py`, `csrc/cpu_linear.cpp`): codes in torch's int4 CPU GEMM layout; below"
-        f" {cpu_layout.TILE_MIN_ROWS} rows (decode) activations rounded to bf16 for that GEMM (fp32 accumulation), from"
-        f" {cpu_layout.TILE_MIN_ROWS} rows on (prefill) 256-row fp32 tiles dequantized in cache and fp32 at::mm; fp16 outliers"
-        " added in fp32",
+        "- GWQ on CPU (`gwq_compile/cpu_layout.py`, `csrc/cpu_linear.cpp`): codes in torch's int4 CPU GEMM layout; up to"
+        f" {cpu_layout.GEMV_MAX_ROWS} rows (decode) the kernel's AVX512-BF16 GEMV"
+        f" ({'runs on this CPU' if cpu_kernel.gemv_supported() else 'not available on this CPU: torch int4 GEMM instead'}),"
+        f" below {cpu_layout.TILE_MIN_ROWS} rows torch's int4 GEMM, both with x rounded to bf16, exact codes, fp32 accumulation"
+        f" and the fp16 outliers added in fp32; from {cpu_layout.TILE_MIN_ROWS} rows on (prefill) tiles of <= 256 weight rows"
+        f" dequantized in cache and multiplied with at::mm, in {'bf16 (outliers rounded into the tile)' if cpu_kernel.gemv_supported() else 'fp32'}",
         "- The machine is a shared 2-core VM: where the load averages exceed ~1, other processes took CPU time during the run;"
         " the rounds are interleaved so that all variants share it, but the absolute figures and the spread suffer",
         "",

@@ -142,18 +142,23 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
     chosen = path(x, weight, choice)
     attributes = (weight.bits, weight.group_size, weight.shape[1])
     if chosen == "cpu_int4":
-        args = (*weight.cpu_fields(), bias, *attributes)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if torch.compiler.is_compiling() and not needs_grad:
+        if not needs_grad:
             ints = cpu_layout.kernel_ints(weight.shape[1], weight.group_size, weight.bits)
             if ints is not None and cpu_kernel(choice) == "ext":
-                # Compiled graphs call the compiled kernel itself: no Python at all per call.
+                # Compiled graphs call the compiled kernel itself (no Python at all per call), and
+                # eager inference calls it with the fewest Python hops (counted like cpu_layout.run).
                 tile_group, pad, repeat_k = ints
                 codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
+                if not torch.compiler.is_compiling():
+                    check_input(x, codes, weight.shape[1])
+                    CALLS["cpu_int4"] += 1
+                    CALLS["cpu_int4_ext"] += 1
                 return torch.ops.gwq_cpu.linear.default(
                     x, codes, grid, row_ptr, col_idx, values, bias, tile_group, weight.shape[1], pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
                     cpu_layout.GEMV_MAX_ROWS,
                 )
+        args = (*weight.cpu_fields(), bias, *attributes)
         if torch.compiler.is_compiling() or needs_grad:
             return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula
         return cpu_layout.run(x, args, cpu_kernel(choice))  # eager inference: the op's body, without the dispatcher's Python hops
