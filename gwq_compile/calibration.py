@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from gwq_compile import lean_backward
+from gwq_compile import heap, lean_backward
 from gwq_compile.config import GWQConfig
 from gwq_compile.eval import logits_of, next_token_nll
 
@@ -281,7 +281,7 @@ def bounded_memory(model: torch.nn.Module, backward: bool) -> Iterator["lean_bac
         yield None
         return
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with lean_backward.sdpa_attention(model), lean_backward.checkpointed_layers(model):
+    with lean_backward.sdpa_attention(model), lean_backward.checkpointed_layers(model), heap.returned_large_buffers():
         yield lean_backward.head_capture(model, lambda ids: _call(model, _model_inputs(model, ids, device)[0]))
 
 
