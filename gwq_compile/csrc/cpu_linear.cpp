@@ -236,8 +236,9 @@ void gemv_linear(
   const int64_t blocks = (n_cols + gwq_gemv::kRows - 1) / gwq_gemv::kRows;
   std::vector<uint32_t> pairs(columns * 4);
   std::vector<float> group_sums(columns / tile_group);
-  // ~64 K multiply-adds per task at least: a thread's start costs more than a smaller block run.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (gwq_gemv::kRows * columns));
+  // Threads only from ~128 K multiply-adds per task: below that a second
+  // thread's start and join cost more than it saves (SmolLM2's 192-row k/v stay on one).
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / (gwq_gemv::kRows * columns));
   for (int64_t m = 0; m < m_rows; ++m) {
     gwq_gemv::arrange_x(
         reinterpret_cast<const uint16_t*>(xk.const_data_ptr<at::BFloat16>()) + m * columns, columns, tile_group, pairs.data(),
