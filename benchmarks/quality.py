@@ -24,6 +24,7 @@ Methods (``--methods``):
     gwq_clip     gwq, each group's range from an activation-weighted error search (clip_search="act_mse")
     gwq_err      gwq_clip, outliers by |grad| x squared rounding error (saliency="grad_error"), per layer
     gwq_err_model  gwq_err, outliers ranked over the whole model (outlier_scope="model"): the default GWQConfig
+    gwq_wls      gwq_err_model with a weighted least-squares refit of each group's scale/zero (clip_search="act_wls")
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -70,9 +71,10 @@ GWQ_VARIANTS = {
     "gwq_clip": ("grad", "gwq", "layer", "none"),
     "gwq_err": ("grad_error", "gwq", "layer", "none"),
     "gwq_err_model": ("grad_error", "gwq", "model", "none"),
+    "gwq_wls": ("grad_error", "gwq", "model", "none"),
 }
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
-GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse"}
+GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 #: The variant whose selection is the default GWQConfig's (drawn in black).
 DEFAULT_METHOD = "gwq_err_model"

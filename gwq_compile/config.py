@@ -23,7 +23,7 @@ from typing import Optional
 from torchao.core.config import AOBaseConfig
 
 from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CHOICES, STEP_CHOICES
-from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
+from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, needs_importance
 
 MAX_OUTLIER_RATIO = 0.5
 
@@ -60,7 +60,9 @@ class GWQConfig(AOBaseConfig):
             min/max; ``"mse"`` (or ``True``) the shrunk range with the smallest squared
             rounding error (as GPTQ and llama.cpp search it); ``"act_mse"`` the same error
             weighted per input column by the mean squared layer input seen during
-            calibration (llama.cpp's imatrix idea: the layer's expected output error).
+            calibration (llama.cpp's imatrix idea: the layer's expected output error);
+            ``"mse_wls"``/``"act_wls"`` the same searches, then a weighted least-squares
+            refit of each group's scale and zero with its codes held (llama.cpp's make_qkx).
             Rounding stays round-to-nearest.  Ignored by GPTQ compensation, which
             chooses its own grid.
         compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
@@ -152,7 +154,7 @@ class GWQConfig(AOBaseConfig):
     def needs_input_sq(self) -> bool:
         """Whether calibration must record each layer's mean squared input per column: for the
         ``"act_mse"`` grid, or for ``"grad_error"``'s rounding errors on that grid."""
-        return clip_search_mode(self.clip_search) == "act_mse" and (self.compensation == "none" or self.saliency == "grad_error")
+        return needs_importance(self.clip_search) and (self.compensation == "none" or self.saliency == "grad_error")
 
     @property
     def needs_hessian(self) -> bool:

@@ -80,7 +80,7 @@ def select_outliers(saliency: torch.Tensor, ratio: float, scope: str, count: int
 def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool | str:
     """The layer's ``clip_search``: ``"act_mse"`` without a recorded input (see
     :func:`warn_no_input_sq`) falls back to plain min/max, not to an unweighted guess."""
-    if packing.clip_search_mode(config.clip_search) == "act_mse" and input_sq is None:
+    if packing.needs_importance(config.clip_search) and input_sq is None:
         return False
     return config.clip_search
 
