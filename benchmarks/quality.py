@@ -703,6 +703,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _merged(json_path: Path, results: dict) -> dict:
+    """``results`` with the rows (and skips) another process wrote to ``json_path`` meanwhile:
+    several runs can share one results file without dropping each other's rows."""
+    if json_path.is_file():
+        on_disk = json.loads(json_path.read_text())
+        for part in ("rows", "skipped"):
+            results.setdefault(part, {})
+            for key, value in on_disk.get(part, {}).items():
+                results[part].setdefault(key, value)
+        results["commands"] += [c for c in on_disk.get("commands", []) if c not in results["commands"]]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -737,18 +750,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # a configuration the method cannot do (e.g. torchao needs K % group == 0)
             print(f"[{i}/{len(rows)}] {row.label}: skipped: {err}", flush=True)
             results.setdefault("skipped", {})[key] = {"label": row.label, "reason": str(err), "key_settings": _eval_settings(settings)}
-            write_json_atomic(json_path, results)
+            write_json_atomic(json_path, _merged(json_path, results))
             continue
         record["key_settings"] = _eval_settings(settings)
         record["command"] = command
         results["rows"][key] = record
-        write_json_atomic(json_path, results)
+        write_json_atomic(json_path, _merged(json_path, results))
         print(
             f"[{i}/{len(rows)}] {row.label}: {record['bits_per_weight']:.3f} bpw, quant {record['quant_seconds']:.1f} s, "
             f"eval {record['eval_seconds']:.1f} s, ppl {record['perplexity']:.3f}",
             flush=True,
         )
-    write_json_atomic(json_path, results)
+    write_json_atomic(json_path, _merged(json_path, results))
     write_text_atomic(args.out_dir / f"{args.name}.md", markdown(results, settings))
     if not args.no_plot:
         plot(results, settings, args.out_dir / f"{args.name}.png")
