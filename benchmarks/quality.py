@@ -16,6 +16,10 @@ Methods (``--methods``):
     awq          AWQ scale search + folding (ours), then RTN; ``--awq-samples`` x ``--awq-seqlen``
     ao_affine    torchao IntxWeightOnlyConfig, asymmetric affine qparams, fp16 scales
     ao_hqq       torchao IntxWeightOnlyConfig, HQQ_SCALE_ONLY, fp16 scales
+    llamacpp     llama.cpp's llama-quantize with an importance matrix (llama-imatrix on 16 x 512 tokens of
+                 WikiText-2 validation), from the model's Q4_1 GGUF; rows are ``llamacpp:TYPE`` (e.g.
+                 ``llamacpp:IQ4_XS``); bpw from the GGUF bytes of the decoder linears (benchmarks/llamacpp_peer.py)
+    llamacpp_plain  the same without the importance matrix
     gwq          the paper's setting: |grad| from 1 sample, top ratio per layer in fp16, RTN rest
     gwq_fisher   saliency sum grad^2            gwq_gradw    saliency |grad * w|
     gwq_8s       |grad| summed over 8 samples   gwq_row      equal outlier count per row
@@ -24,6 +28,7 @@ Methods (``--methods``):
     gwq_clip     gwq, each group's range from an activation-weighted error search (clip_search="act_mse")
     gwq_err      gwq_clip, outliers by |grad| x squared rounding error (saliency="grad_error"), per layer
     gwq_err_model  gwq_err, outliers ranked over the whole model (outlier_scope="model"): the default GWQConfig
+    gwq_wls      gwq_err_model with a weighted least-squares refit of each group's scale/zero (clip_search="act_wls")
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -56,7 +61,9 @@ from gwq_compile.eval import perplexity_details, write_json_atomic, write_text_a
 from gwq_compile.models import load_causal_lm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-BASELINES = ("fp", "rtn", "gptq", "gptq_act", "awq", "ao_affine", "ao_hqq")
+BASELINES = ("fp", "rtn", "gptq", "gptq_act", "awq", "ao_affine", "ao_hqq", "llamacpp", "llamacpp_plain")
+#: llama.cpp rows: a GGUF type (``llamacpp:IQ4_XS``) instead of bits/group (benchmarks/llamacpp_peer.py).
+LLAMACPP = ("llamacpp", "llamacpp_plain")
 GWQ_VARIANTS = {
     # method: (saliency, samples kind, outlier_scope, compensation)
     "gwq": ("grad", "gwq", "layer", "none"),
@@ -70,9 +77,10 @@ GWQ_VARIANTS = {
     "gwq_clip": ("grad", "gwq", "layer", "none"),
     "gwq_err": ("grad_error", "gwq", "layer", "none"),
     "gwq_err_model": ("grad_error", "gwq", "model", "none"),
+    "gwq_wls": ("grad_error", "gwq", "model", "none"),
 }
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
-GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse"}
+GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 #: The variant whose selection is the default GWQConfig's (drawn in black).
 DEFAULT_METHOD = "gwq_err_model"
@@ -108,10 +116,20 @@ class Row:
     bits: int | None = None
     group_size: int | None = None
     ratio: float | None = None
+    qtype: str | None = None  # llama.cpp rows only: the GGUF type
+    bits_budget: float | None = None  # GWQ rows only: GWQConfig.bits_budget (mixed per-layer widths)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {METHODS}")
+        if self.method in LLAMACPP:
+            if self.qtype is None or self.bits is not None or self.group_size is not None or self.ratio is not None:
+                raise ValueError(f"{self.method}: give a GGUF type (llamacpp:IQ4_XS), nothing else")
+            return
+        if self.qtype is not None:
+            raise ValueError(f"{self.method}: a GGUF type is for llama.cpp rows only")
+        if self.bits_budget is not None and self.method not in GWQ_VARIANTS:
+            raise ValueError(f"{self.method}: a bits budget is for GWQ rows only")
         if self.method == "fp":
             if self.bits is not None or self.group_size is not None or self.ratio is not None:
                 raise ValueError("the fp row takes no bits/group/ratio")
@@ -123,18 +141,23 @@ class Row:
 
     @classmethod
     def parse(cls, text: str) -> "Row":
-        """``fp``, ``rtn:3:64`` or ``gwq:3:64:0.01``."""
+        """``fp``, ``rtn:3:64``, ``gwq:3:64:0.01`` or ``llamacpp:IQ4_XS``."""
         parts = text.split(":")
+        if parts[0] in LLAMACPP:
+            if len(parts) != 2:
+                raise argparse.ArgumentTypeError(f"bad row {text!r}: expected {parts[0]}:TYPE")
+            return cls(parts[0], qtype=parts[1].upper())
         try:
             bits = int(parts[1]) if len(parts) > 1 else None
             group = int(parts[2]) if len(parts) > 2 else None
             ratio = float(parts[3]) if len(parts) > 3 else None
+            budget = float(parts[4]) if len(parts) > 4 else None
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"bad row {text!r}: {err}") from err
-        if len(parts) > 4:
-            raise argparse.ArgumentTypeError(f"bad row {text!r}: expected method[:bits:group[:ratio]]")
+        if len(parts) > 5:
+            raise argparse.ArgumentTypeError(f"bad row {text!r}: expected method[:bits:group[:ratio[:bits_budget]]]")
         try:
-            return cls(parts[0], bits, group, ratio)
+            return cls(parts[0], bits, group, ratio, bits_budget=budget)
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from err
 
@@ -142,7 +165,10 @@ class Row:
     def label(self) -> str:
         if self.method == "fp":
             return "fp"
+        if self.method in LLAMACPP:
+            return f"{self.method} {self.qtype}"
         tail = f"+{self.ratio * 100:g}%" if self.ratio is not None else ""
+        tail += f" mean {self.bits_budget:g}b" if self.bits_budget is not None else ""
         return f"{self.method} W{self.bits}g{self.group_size}{tail}"
 
     def calibration(self, s: Settings) -> dict:
@@ -152,6 +178,14 @@ class Row:
             return {"samples": s.gptq_samples, "seqlen": s.calib_seqlen, "damp": s.damp, "sequential": True, **act}
         if self.method == "awq":
             return {"samples": s.awq_samples, "seqlen": s.awq_seqlen, "n_grid": s.awq_grid}
+        if self.method == "llamacpp":
+            import llamacpp_peer  # beside this script
+
+            return {"imatrix": f"wikitext2 validation {llamacpp_peer.IMATRIX_CHUNKS}x{llamacpp_peer.IMATRIX_CTX}", "llama_cpp": f"llama-cpp-python {llamacpp_peer.SDIST_VERSION} sdist"}
+        if self.method == "llamacpp_plain":
+            import llamacpp_peer  # beside this script
+
+            return {"llama_cpp": f"llama-cpp-python {llamacpp_peer.SDIST_VERSION} sdist"}
         if self.method in GWQ_VARIANTS:
             kind = GWQ_VARIANTS[self.method][1]
             n = s.gwq_samples if kind == "gwq" else s.gwq_many_samples
@@ -160,8 +194,9 @@ class Row:
         return {}
 
     def key(self, s: Settings) -> str:
+        fields = {k: v for k, v in asdict(self).items() if k not in ("qtype", "bits_budget") or v is not None}  # absent when unused: keeps cached keys
         return json.dumps(
-            {**asdict(self), **_eval_settings(s), "calibration": self.calibration(s)},
+            {**fields, **_eval_settings(s), "calibration": self.calibration(s)},
             sort_keys=True,
         )
 
@@ -247,12 +282,44 @@ class Bench:
             bits=row.bits, group_size=row.group_size, outlier_ratio=row.ratio, saliency=saliency,
             outlier_scope=scope, compensation=compensation, damp=s.damp, progress=False,
             clip_search=GWQ_CLIP.get(row.method, False),  # plain min/max unless the variant searches: rtn/awq's grid
+            bits_budget=row.bits_budget,
         )  # fmt: skip
         quantize_(model, config, calibration_data=self.calibration(n, s.calib_seqlen))
         report = quantization_report(model)
-        return {"core_report_bits_per_weight": report["bits_per_weight"], "outliers": report["outliers"], "gwq_config": config.to_dict()}
+        widths: dict[int, int] = {}
+        for layer in report["layers"].values():
+            widths[layer["bits"]] = widths.get(layer["bits"], 0) + 1
+        return {"core_report_bits_per_weight": report["bits_per_weight"], "outliers": report["outliers"], "gwq_config": config.to_dict(),
+                "layer_widths": {str(k): v for k, v in sorted(widths.items())}}  # fmt: skip
+
+    def run_llamacpp(self, row: Row) -> dict:
+        """A llama.cpp row: re-quantize the source GGUF, load it dense through transformers, evaluate."""
+        import llamacpp_peer  # beside this script
+        from gwq_compile.models import resolve_model_path
+
+        source = resolve_model_path(None if self.settings.model == "smollm2" else self.settings.model)
+        if source.suffix != ".gguf":
+            raise ValueError("llama.cpp rows need a GGUF source model")
+        start = time.perf_counter()
+        imat = llamacpp_peer.imatrix(source, data.wikitext2_text("validation")) if row.method == "llamacpp" else None
+        path = llamacpp_peer.quantize(source, row.qtype, imat)
+        quant_seconds = time.perf_counter() - start
+        bits = llamacpp_peer.decoder_linear_bits(path)
+        model, _ = load_causal_lm(str(path), torch.float32)
+        start = time.perf_counter()
+        res = perplexity_details(model, self.test_ids, self.settings.seqlen, self.settings.max_windows, desc=row.label)
+        return {
+            "label": row.label, **asdict(row), "calibration": row.calibration(self.settings),
+            "bits_per_weight": bits["bits_per_weight"], "stored_bits_per_weight": bits["bits_per_weight"],
+            "tensor_types": bits["tensor_types"], "gguf": path.name,
+            "quant_seconds": quant_seconds, "eval_seconds": time.perf_counter() - start,
+            "perplexity": res.perplexity, "nll": res.nll, "n_windows": res.n_windows, "seqlen": res.seqlen,
+            "note": llamacpp_peer.CAVEAT, "measured_at": _now(),
+        }  # fmt: skip
 
     def run(self, row: Row) -> dict:
+        if row.method in LLAMACPP:
+            return self.run_llamacpp(row)
         model = copy.deepcopy(self.model)
         start = time.perf_counter()
         extra = {} if row.method == "fp" else self.quantize(row, model)
@@ -333,7 +400,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def _row_order(r: dict) -> tuple:
     """Table order: fp first, then by bits, group, method, outlier ratio."""
-    return (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0)
+    return (r["method"] != "fp", r["bits"] or 0, r["group_size"] or 0, METHODS.index(r["method"]), r["ratio"] or 0,
+            r.get("bits_budget") or 0, r["bits_per_weight"])  # fmt: skip
 
 
 def markdown(results: dict, settings: Settings) -> str:
@@ -373,14 +441,18 @@ def markdown(results: dict, settings: Settings) -> str:
         base = rtn.get((r["bits"], r["group_size"]))
         vs_rtn = f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%" if base and r["method"] != "rtn" and r["method"] != "fp" else ""
         ratio = "" if r["ratio"] is None else f"{r['ratio'] * 100:g}%"
-        note = "Q4_1 grid: see caveat" if r["note"] else ""
+        if r.get("bits_budget") is not None:
+            ratio += f", mixed: mean {r['bits_budget']:g} code bits"
+        note = ("llama.cpp: see caveat" if r["method"] in LLAMACPP else "Q4_1 grid: see caveat") if r["note"] else ""
+        method = f"{r['method']} {r['qtype']}" if r.get("qtype") else r["method"]
         lines.append(
-            f"| {r['method']} | {r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['stored_bits_per_weight']:.3f} "
+            f"| {method} | {'' if r.get('qtype') else r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['stored_bits_per_weight']:.3f} "
             f"| {r['quant_seconds']:.1f} | {r['perplexity']:.3f} | {vs} | {vs_rtn} | {note} |"
         )
     lines += _comparisons(rows)
     lines += budget_table(rows)
-    if any(r["note"] for r in rows):
+    lines += llamacpp_table(rows)
+    if any(r["note"] and r["method"] not in LLAMACPP for r in rows):
         lines += ["", f"Caveat: {Q4_1_CAVEAT}."]
     skipped = [r for r in results.get("skipped", {}).values() if r["key_settings"] == _eval_settings(settings)]
     if skipped:
@@ -399,8 +471,11 @@ def markdown(results: dict, settings: Settings) -> str:
         for r in group:
             vs = f"{r['perplexity'] / gfp['perplexity']:.3f}x" if gfp else ""
             ratio = f"{r['ratio'] * 100:g}%" if r["ratio"] else ""
+            if r.get("bits_budget") is not None:
+                ratio += f", mixed: mean {r['bits_budget']:g} code bits"
+            method = f"{r['method']} {r['qtype']}" if r.get("qtype") else r["method"]
             lines.append(
-                f"| {r['method']} | {r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {vs} |"
+                f"| {method} | {'' if r.get('qtype') else r['bits'] or 32} | {r['group_size'] or ''} | {ratio} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {vs} |"
             )
         lines += budget_table(group)
     return "\n".join(lines) + "\n"
@@ -441,7 +516,10 @@ def _comparisons(rows: list[dict]) -> list[str]:
 
 
 BUDGETS = (3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0)
-PEER_FAMILIES = {"RTN": ("rtn",), "GPTQ": ("gptq", "gptq_act"), "AWQ": ("awq",), "torchao affine": ("ao_affine",), "torchao HQQ": ("ao_hqq",)}
+PEER_FAMILIES = {
+    "RTN": ("rtn",), "GPTQ": ("gptq", "gptq_act"), "AWQ": ("awq",), "torchao affine": ("ao_affine",), "torchao HQQ": ("ao_hqq",),
+    "llama.cpp imatrix": ("llamacpp",),
+}  # fmt: skip
 
 
 def best_within(rows: list[dict], methods: tuple[str, ...], budget: float) -> dict | None:
@@ -454,8 +532,35 @@ def best_within(rows: list[dict], methods: tuple[str, ...], budget: float) -> di
         >>> best_within(rows, ("rtn",), 4.0)["perplexity"]
         70.0
     """
-    cands = [r for r in rows if r["method"] in methods and not r["note"] and r["bits_per_weight"] <= budget + 1e-9]
+    cands = [r for r in rows if r["method"] in methods and _counts(r) and r["bits_per_weight"] <= budget + 1e-9]
     return min(cands, key=lambda r: r["perplexity"]) if cands else None
+
+
+def _counts(r: dict) -> bool:
+    """Whether a row takes part in the fronts: Q4_1-caveat rows do not; llama.cpp rows do (their caveat is stated beside them)."""
+    return not r["note"] or r["method"] in LLAMACPP
+
+
+def llamacpp_table(rows: list[dict]) -> list[str]:
+    """Criterion (1): at each llama.cpp point, the best GWQ row (any variant) with no more bits per weight."""
+    lc = sorted((r for r in rows if r["method"] in LLAMACPP), key=lambda r: (r["method"], r["bits_per_weight"]))
+    if not lc:
+        return []
+    lines = ["", "GWQ against llama.cpp at each of its points (best measured GWQ row with no more bits/weight):", "",
+             "| llama.cpp row | bpw | perplexity | best GWQ at <= bpw | its bpw | its perplexity | GWQ lower? |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in lc:
+        g = best_within(rows, tuple(GWQ_VARIANTS), r["bits_per_weight"])
+        verdict = "–" if g is None else ("yes" if g["perplexity"] < r["perplexity"] else "**no**")
+        gcells = "– | – | –" if g is None else f"{g['label']} | {g['bits_per_weight']:.3f} | {g['perplexity']:.3f}"
+        lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {gcells} | {verdict} |")
+    types = {r["label"]: r.get("tensor_types") for r in lc}
+    lines += ["", "Tensor types llama.cpp chose for the decoder linears (count of tensors):", ""]
+    lines += [f"- {label}: " + ", ".join(f"{k} x{v}" for k, v in (t or {}).items()) for label, t in types.items()]
+    import llamacpp_peer  # beside this script
+
+    lines += ["", f"Caveat: {llamacpp_peer.CAVEAT}. Below 4.1 bpw llama.cpp has no format for this model (GWQ has)."]
+    return lines
 
 
 def budget_table(rows: list[dict]) -> list[str]:
@@ -506,7 +611,7 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     off_scale = []
     for i, method in enumerate(m for m in METHODS if m != "fp"):
-        pts = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["method"] == method and not r["note"]]
+        pts = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["method"] == method and _counts(r)]
         if not pts:
             continue
         style = "-" if method in GWQ_VARIANTS else "--"  # GWQ variants solid, peers dashed
@@ -518,16 +623,19 @@ def plot(results: dict, settings: Settings, path: Path) -> None:
         ax.plot(*zip(*front), marker="o", linestyle=style, color=color, linewidth=width,
                 label=f"{method} (default GWQConfig)" if method == DEFAULT_METHOD else method)  # fmt: skip
         ax.scatter(*zip(*[(b, min(p, top) if top else p) for b, p in pts]), color=color, s=12, alpha=0.5)
+        if method in LLAMACPP:
+            color, width = ("tab:red", 2.0) if method == "llamacpp" else ("salmon", 1.5)
         for r in rows:
-            if r["method"] == method and not r["note"]:
+            if r["method"] == method and _counts(r):
                 y = r["perplexity"]
                 if top and y > top:
                     off_scale.append(f"{r['label']}: {y:.0f}")
                     ax.scatter([r["bits_per_weight"]], [top], marker="^", color=color, s=40)
                     y = top
-                ax.annotate(f"W{r['bits']}g{r['group_size']}", (r["bits_per_weight"], y), fontsize=6,
+                tag = r["qtype"] if r.get("qtype") else f"W{r['bits']}g{r['group_size']}"
+                ax.annotate(tag, (r["bits_per_weight"], y), fontsize=6,
                             xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
-    caveat = [(r["bits_per_weight"], r["perplexity"]) for r in rows if r["note"]]
+    caveat = [(r["bits_per_weight"], r["perplexity"]) for r in rows if not _counts(r)]
     if caveat:
         ax.scatter(*zip(*caveat), marker="x", color="gray", label="4-bit g32 (Q4_1 grid, not a win)")
     if fp:
@@ -595,6 +703,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _merged(json_path: Path, results: dict) -> dict:
+    """``results`` with the rows (and skips) another process wrote to ``json_path`` meanwhile:
+    several runs can share one results file without dropping each other's rows."""
+    if json_path.is_file():
+        on_disk = json.loads(json_path.read_text())
+        for part in ("rows", "skipped"):
+            results.setdefault(part, {})
+            for key, value in on_disk.get(part, {}).items():
+                results[part].setdefault(key, value)
+        results["commands"] += [c for c in on_disk.get("commands", []) if c not in results["commands"]]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -629,18 +750,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:  # a configuration the method cannot do (e.g. torchao needs K % group == 0)
             print(f"[{i}/{len(rows)}] {row.label}: skipped: {err}", flush=True)
             results.setdefault("skipped", {})[key] = {"label": row.label, "reason": str(err), "key_settings": _eval_settings(settings)}
-            write_json_atomic(json_path, results)
+            write_json_atomic(json_path, _merged(json_path, results))
             continue
         record["key_settings"] = _eval_settings(settings)
         record["command"] = command
         results["rows"][key] = record
-        write_json_atomic(json_path, results)
+        write_json_atomic(json_path, _merged(json_path, results))
         print(
             f"[{i}/{len(rows)}] {row.label}: {record['bits_per_weight']:.3f} bpw, quant {record['quant_seconds']:.1f} s, "
             f"eval {record['eval_seconds']:.1f} s, ppl {record['perplexity']:.3f}",
             flush=True,
         )
-    write_json_atomic(json_path, results)
+    write_json_atomic(json_path, _merged(json_path, results))
     write_text_atomic(args.out_dir / f"{args.name}.md", markdown(results, settings))
     if not args.no_plot:
         plot(results, settings, args.out_dir / f"{args.name}.png")

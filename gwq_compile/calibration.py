@@ -51,6 +51,7 @@ class LayerCalibration:
     outlier_threshold: float | None = None  # outlier_scope="model": the model-wide threshold, set by the ranking
     outlier_ties: int = 0  # ... and how many of this layer's scores equal to it are outliers (gwq_compile.ranking)
     is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
+    bits: int | None = None  # GWQConfig.bits_budget: this layer's code width, chosen by quantize.allocate_layer_bits
 
     def remove_hooks(self) -> None:
         for h in self.handles:

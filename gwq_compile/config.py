@@ -23,7 +23,7 @@ from typing import Optional
 from torchao.core.config import AOBaseConfig
 
 from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CHOICES, STEP_CHOICES
-from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, clip_search_mode
+from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, needs_importance
 
 MAX_OUTLIER_RATIO = 0.5
 
@@ -60,7 +60,9 @@ class GWQConfig(AOBaseConfig):
             min/max; ``"mse"`` (or ``True``) the shrunk range with the smallest squared
             rounding error (as GPTQ and llama.cpp search it); ``"act_mse"`` the same error
             weighted per input column by the mean squared layer input seen during
-            calibration (llama.cpp's imatrix idea: the layer's expected output error).
+            calibration (llama.cpp's imatrix idea: the layer's expected output error);
+            ``"mse_wls"``/``"act_wls"`` the same searches, then a weighted least-squares
+            refit of each group's scale and zero with its codes held (llama.cpp's make_qkx).
             Rounding stays round-to-nearest.  Ignored by GPTQ compensation, which
             chooses its own grid.
         compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
@@ -77,6 +79,13 @@ class GWQConfig(AOBaseConfig):
             shares the one quantized weight (lookups dequantize only the rows they read).
             Its outliers come from the same saliency and ranking as every other layer's.
         head_group_size: the head's group size (-1: per output channel).
+        bits_budget: ``None`` gives every layer ``bits``.  A number gives layers mixed code
+            widths from :func:`mixed_bits_choices` (``bits`` and its neighbours among 2, 3, 4; 8 too for ``bits=4``),
+            chosen by the gradient saliency so that the mean code width over the quantized
+            weights is at most ``bits_budget`` (scales, zeros and outliers come on top): each
+            layer's cost at width b is ``sum |g| * (W - RTN_b(W))^2`` on its own grid, and
+            widths go to the layers whose cost drops most per extra bit.  Each layer's
+            ``GWQTensor`` carries its own width, so the stored format is unchanged.
         step: ``None`` (one shot: needs ``calibration_data``), ``"prepare"`` (start
             accumulating gradient saliency) or ``"convert"`` (quantize from what was accumulated).
         progress: show tqdm progress bars.
@@ -104,6 +113,7 @@ class GWQConfig(AOBaseConfig):
     # benchmarks/results/head_selection_smollm2.md.
     head_bits: Optional[int] = None
     head_group_size: int = 128
+    bits_budget: Optional[float] = None
     step: Optional[str] = None
     progress: bool = True
 
@@ -127,6 +137,13 @@ class GWQConfig(AOBaseConfig):
             raise ValueError(f"GWQConfig.head_bits must be None or one of {SUPPORTED_BITS}, got {self.head_bits!r}")
         if isinstance(self.head_group_size, bool) or not isinstance(self.head_group_size, numbers.Integral) or (self.head_group_size <= 0 and self.head_group_size != -1):
             raise ValueError(f"GWQConfig.head_group_size must be a positive int or -1 (per output channel), got {self.head_group_size!r}")
+        if self.bits_budget is not None:
+            choices = mixed_bits_choices(self.bits)
+            if isinstance(self.bits_budget, bool) or not isinstance(self.bits_budget, (int, float)) or not choices[0] <= self.bits_budget <= choices[-1]:
+                raise ValueError(f"GWQConfig.bits_budget must be None or a mean code width in [{choices[0]}, {choices[-1]}] for bits={self.bits}, got {self.bits_budget!r}")
+            if self.saliency == "hessian":
+                raise ValueError("GWQConfig.bits_budget chooses widths from the gradient saliency; saliency='hessian' has none")
+            self.bits_budget = float(self.bits_budget)
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.skip_modules, str):
@@ -142,7 +159,7 @@ class GWQConfig(AOBaseConfig):
         """This config with the head's grid (``head_bits``, ``head_group_size``): what the LM head is quantized with."""
         if self.head_bits is None:
             raise ValueError("GWQConfig.head_bits is None: the output embedding is not quantized")
-        return self.replace(bits=self.head_bits, group_size=self.head_group_size)
+        return self.replace(bits=self.head_bits, group_size=self.head_group_size, bits_budget=None)
 
     @property
     def needs_gradients(self) -> bool:
@@ -152,7 +169,7 @@ class GWQConfig(AOBaseConfig):
     def needs_input_sq(self) -> bool:
         """Whether calibration must record each layer's mean squared input per column: for the
         ``"act_mse"`` grid, or for ``"grad_error"``'s rounding errors on that grid."""
-        return clip_search_mode(self.clip_search) == "act_mse" and (self.compensation == "none" or self.saliency == "grad_error")
+        return needs_importance(self.clip_search) and (self.compensation == "none" or self.saliency == "grad_error")
 
     @property
     def needs_hessian(self) -> bool:
@@ -174,6 +191,20 @@ class GWQConfig(AOBaseConfig):
 
     def replace(self, **changes) -> "GWQConfig":
         return dataclasses.replace(self, **changes)
+
+
+def mixed_bits_choices(bits: int) -> tuple[int, ...]:
+    """The code widths ``bits_budget`` chooses from: ``bits`` and its neighbours among 2, 3, 4,
+    and 8 above 4 (a few very sensitive layers at 8 bits; llama.cpp's k-quant mixes do the same
+    with 6 bits); 8 alone for 8.
+
+    Example:
+        >>> mixed_bits_choices(4), mixed_bits_choices(3), mixed_bits_choices(8)
+        ((3, 4, 8), (2, 3, 4), (8,))
+    """
+    if bits == 8:
+        return (8,)
+    return tuple(b for b in (2, 3, 4) if abs(b - bits) <= 1) + ((8,) if bits == 4 else ())
 
 
 def config_fields() -> list[str]:

@@ -186,11 +186,28 @@ def _grid_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetri
     return scale, zero
 
 
-CLIP_SEARCH_MODES = ("none", "mse", "act_mse")
+CLIP_SEARCH_MODES = ("none", "mse", "act_mse", "mse_wls", "act_wls")
+#: Modes that weight the rounding error by each input column's mean squared input.
+IMPORTANCE_MODES = ("act_mse", "act_wls")
+#: Modes that refit each group's scale and zero by weighted least squares after the range search.
+REFIT_MODES = ("mse_wls", "act_wls")
+#: Rounds of (round to codes, least-squares refit) after the range search.
+WLS_REFIT_ROUNDS = 4
+
+
+def needs_importance(clip_search: bool | str) -> bool:
+    """Whether a ``clip_search`` setting weights the error by the per-column input importance.
+
+    Example:
+        >>> needs_importance("act_wls"), needs_importance("mse_wls"), needs_importance(False)
+        (True, False, False)
+    """
+    return clip_search_mode(clip_search) in IMPORTANCE_MODES
 
 
 def clip_search_mode(clip_search: bool | str) -> str:
-    """Normalise a ``clip_search`` setting: ``False``/``"none"``, ``True``/``"mse"`` or ``"act_mse"``.
+    """Normalise a ``clip_search`` setting: ``False``/``"none"``, ``True``/``"mse"``, ``"act_mse"``,
+    or ``"mse_wls"``/``"act_wls"`` (the same searches followed by :func:`_refit_wls`).
 
     Example:
         >>> clip_search_mode(True), clip_search_mode("act_mse")
@@ -245,6 +262,54 @@ def _search_range(
     return scale, zero
 
 
+def _grid_error(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, weights: torch.Tensor) -> torch.Tensor:
+    """``sum weights * (dequant(round(w)) - w)^2`` per group, for fp32 scales ``s`` and integer-valued zeros ``z``."""
+    maxq = (1 << bits) - 1
+    q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
+    return (((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - wg).square() * weights).sum(-1)
+
+
+def _refit_wls(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor, rounds: int = WLS_REFIT_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least-squares refit of each group's grid, with the codes held fixed (llama.cpp's ``make_qkx`` idea).
+
+    Each round rounds the group onto its current grid, fits ``w ~ a * q + b`` by weighted
+    least squares over those codes (``weights``: 0 for outliers and padding), takes the
+    integer zero ``z = round(-b / a)`` (asymmetric grids; symmetric ones keep theirs) and
+    then the best scale for that zero, ``s = sum w (q - z) x / sum w (q - z)^2``, stored in
+    fp16.  A group takes the new grid only where its weighted error (codes rounded again)
+    goes down, so the result is never worse than the search's.  Only the values of
+    scales and zeros change: the stored format is the same.
+    """
+    maxq = (1 << bits) - 1
+    best = _grid_error(wg, scale, zero, bits, weights)
+    sw = weights.expand_as(wg).sum(-1)
+    for _ in range(rounds):
+        q = (torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, maxq)
+        if symmetric:
+            z = zero
+        else:
+            swq, swx = (weights * q).sum(-1), (weights * wg).sum(-1)
+            swqq, swqx = (weights * q * q).sum(-1), (weights * q * wg).sum(-1)
+            det = sw * swqq - swq * swq
+            a = (sw * swqx - swq * swx) / det.clamp(min=1e-30)
+            b = (swx - a * swq) / sw.clamp(min=1e-30)
+            ok = (det > 1e-12 * sw * sw.clamp(min=1)) & (a > 0)
+            z = torch.where(ok, torch.round(-b / a.clamp(min=1e-30)).clamp(0, maxq), zero)
+        d = q - z.unsqueeze(-1)
+        den = (weights * d * d).sum(-1)
+        s = (weights * d * wg).sum(-1) / den.clamp(min=1e-30)
+        s = torch.where((den > 0) & (s > 0), s, scale).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+        err = _grid_error(wg, s, z, bits, weights)
+        better = err < best
+        if not better.any():
+            break
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
 def compute_group_qparams(
     weight: torch.Tensor,
     outlier_mask: torch.Tensor | None,
@@ -263,7 +328,9 @@ def compute_group_qparams(
     rounding error: unweighted (``"mse"``, as GPTQ/llama.cpp do), or weighted per input
     column by ``importance`` ``[K]`` (``"act_mse"``: the mean squared layer input, so
     the error is the layer's expected output error under a diagonal approximation, as
-    llama.cpp's imatrix does).  Rounding stays round-to-nearest.
+    llama.cpp's imatrix does).  ``"mse_wls"``/``"act_wls"`` follow the same searches with a
+    weighted least-squares refit of scale and zero (:func:`_refit_wls`).  Rounding stays
+    round-to-nearest.
     """
     check_bits(bits)
     mode = clip_search_mode(clip_search)
@@ -277,16 +344,21 @@ def compute_group_qparams(
     if mode == "none":
         scale, zero = _grid_from_range(wmin, wmax, bits, symmetric)
     else:
-        if mode == "act_mse":
+        if mode in IMPORTANCE_MODES:
             if importance is None or importance.shape != (weight.shape[1],):
                 got = None if importance is None else tuple(importance.shape)
-                raise ValueError(f"clip_search='act_mse' needs importance of shape ({weight.shape[1]},) (mean squared input per column), got {got}")
+                raise ValueError(f"clip_search={mode!r} needs importance of shape ({weight.shape[1]},) (mean squared input per column), got {got}")
             if not torch.isfinite(importance).all() or (importance < 0).any():
-                raise ValueError("clip_search='act_mse': importance must be finite and non-negative")
+                raise ValueError(f"clip_search={mode!r}: importance must be finite and non-negative")
             weights = _grouped(importance.float().to(w.device).unsqueeze(0), g)
         else:
             weights = torch.ones(1, 1, 1, device=w.device)
         scale, zero = _search_range(wg, wmin, wmax, bits, symmetric, weights)
+        if mode in REFIT_MODES:
+            # Outliers and padding sit exactly on every grid (code = zero): leave them out of the fit.
+            keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if outlier_mask is None else ~outlier_mask
+            refit_weights = weights * _grouped(keep.float(), g)
+            scale, zero = _refit_wls(wg, scale, zero, bits, symmetric, refit_weights)
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
 
 

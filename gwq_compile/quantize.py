@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import warnings
 from typing import Any, Callable
 
@@ -36,9 +37,10 @@ HEAD_ATTR = "_gwq_head"  # on the output embedding quantized on the head's grid:
 
 
 def layer_config(config: GWQConfig, state: calibration.LayerCalibration) -> GWQConfig:
-    """The config a layer is quantized with: the head's grid for the output embedding."""
+    """The config a layer is quantized with: the head's grid for the output embedding, else
+    the width :func:`allocate_layer_bits` chose for it (``bits_budget``), else ``config``."""
     if not state.is_head:
-        return config
+        return config if state.bits is None or state.bits == config.bits else config.replace(bits=state.bits, bits_budget=None)
     if config.head_bits is None:
         raise ValueError(f"layer {state.name!r} was prepared as the quantized LM head, but this config has head_bits=None")
     return config.head_config()
@@ -80,7 +82,7 @@ def select_outliers(saliency: torch.Tensor, ratio: float, scope: str, count: int
 def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool | str:
     """The layer's ``clip_search``: ``"act_mse"`` without a recorded input (see
     :func:`warn_no_input_sq`) falls back to plain min/max, not to an unweighted guess."""
-    if packing.clip_search_mode(config.clip_search) == "act_mse" and input_sq is None:
+    if packing.needs_importance(config.clip_search) and input_sq is None:
         return False
     return config.clip_search
 
@@ -153,6 +155,54 @@ def ranked_layers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration,
     return entries
 
 
+def allocate_layer_bits(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig) -> dict[str, int]:
+    """``bits_budget``: give each calibrated layer a code width from :func:`mixed_bits_choices`
+    so that the weight-averaged width is at most ``config.bits_budget``, spending the bits
+    where the saliency-weighted rounding error ``sum s * (W - RTN_b(W))^2`` (``s``: the
+    accumulated saliency, |g| for ``"grad"``/``"grad_error"``) drops most per extra bit.
+    Greedy over each layer's chain of upgrades (a heap of each layer's next step).  Sets
+    ``state.bits`` and returns ``{name: bits}``.  The LM head keeps its own grid.
+    """
+    from gwq_compile.config import mixed_bits_choices
+
+    entries = [e for e in ranked_layers(layers, config) if not e[1].is_head]
+    choices = mixed_bits_choices(config.bits)
+    if config.bits_budget is None or not entries:
+        return {}
+    costs = []
+    for weight, state, grad_in_out in entries:
+        if state.scores is not None or state.saliency_sum is None:
+            raise ValueError(f"layer {state.name!r}: bits_budget needs the layer's saliency sum before its outliers are scored")
+        sal = state.saliency_sum.t() if grad_in_out else state.saliency_sum
+        costs.append([float((sal * rounding_error(weight, config.replace(bits=b, bits_budget=None), state.input_sq).square_()).sum()) for b in choices])
+    sizes = [calibration.local_tensor(w).numel() for w, _, _ in entries]
+    level = [0] * len(entries)
+    spare = config.bits_budget * sum(sizes) - choices[0] * sum(sizes)
+    heap = []
+
+    def push(i: int) -> None:
+        j = level[i]
+        if j + 1 < len(choices):
+            gain = (costs[i][j] - costs[i][j + 1]) / (sizes[i] * (choices[j + 1] - choices[j]))
+            heapq.heappush(heap, (-gain, i))
+
+    for i in range(len(entries)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        extra = sizes[i] * (choices[level[i] + 1] - choices[level[i]])
+        if extra > spare + 1e-6:
+            continue  # too big for what is left; a smaller layer may still fit
+        spare -= extra
+        level[i] += 1
+        push(i)
+    out = {}
+    for (_, state, _), j in zip(entries, level):
+        state.bits = choices[j]
+        out[state.name] = choices[j]
+    return out
+
+
 def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibration, bool]], config: GWQConfig, distributed: bool = False) -> None:
     """``outlier_scope="model"``: rank the weights of all calibrated layers together and store
     each layer's share (the model-wide threshold and its ties) on its calibration state;
@@ -163,6 +213,10 @@ def rank_model_outliers(layers: list[tuple[torch.Tensor, calibration.LayerCalibr
     ``distributed``: the weights are FSDP2 ``DTensor`` shards; the processes agree on the
     threshold and the ties with collectives, each scores its own rows.
     """
+    if config.bits_budget is not None:
+        if distributed:
+            raise ValueError("bits_budget is not distributed: quantize with one process")
+        allocate_layer_bits(layers, config)
     entries = ranked_layers(layers, config)
     count = round(config.outlier_ratio * sum(w.numel() for w, _, _ in entries))
 
@@ -438,6 +492,8 @@ def convert_targets(model: torch.nn.Module, targets: list[tuple[str, torch.nn.Li
         pending = ranking_entries([m for _, m in prepared if not isinstance(m.weight, GWQTensor)])
         if any(state.outlier_threshold is None for _, state, _ in pending):  # the backend ranks them with its Conv1D layers first
             rank_model_outliers(pending, config)
+    elif config.bits_budget is not None:
+        allocate_layer_bits(ranking_entries([m for _, m in prepared if not isinstance(m.weight, GWQTensor)]), config)
     for name, mod in tqdm(prepared, desc="GWQ quantize", disable=not config.progress, unit="layer"):
         convert_linear(mod, config)
     for _, mod in prepared:  # drop the bookkeeping left on the modules

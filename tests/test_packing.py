@@ -145,3 +145,49 @@ def test_clip_search_modes_and_errors() -> None:
         packing.quantize_weight(w, None, 4, 8, clip_search="act_mse")
     with pytest.raises(ValueError, match="finite and non-negative"):
         packing.quantize_weight(w, None, 4, 8, clip_search="act_mse", importance=torch.full((40,), float("nan")))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    n=st.integers(1, 12),
+    k=st.integers(1, 150),
+    group_size=st.sampled_from([8, 32, 64, -1]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_wls_refit_never_worse_than_its_search(bits, n, k, group_size, symmetric, seed) -> None:
+    """"mse_wls"/"act_wls" start from the "mse"/"act_mse" grid and only take a refit that lowers a
+    group's error: their objective is at most the search's, and outliers stay exact."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    mask = torch.rand(n, k, generator=gen) < 0.05
+    importance = torch.rand(k, generator=gen) ** 4
+    for search, refit, weight in (("mse", "mse_wls", torch.ones(k)), ("act_mse", "act_wls", importance)):
+        imp = importance if search == "act_mse" else None
+        base = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric, search, importance=imp))
+        refitted = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric, refit, importance=imp))
+        assert torch.equal(refitted[mask], w[mask].half().float())
+        g = packing.effective_group_size(k, group_size)
+        per_group = lambda d: packing._grouped((d - w).square() * weight, g).sum(-1)  # noqa: E731
+        assert (per_group(refitted) <= per_group(base) * (1 + 1e-5) + 1e-9).all(), refit  # group by group
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_wls_refit_lowers_the_weighted_error(bits) -> None:
+    """On Gaussian groups the refit must actually move the grid: the activation-weighted error
+    drops by a clear margin over the range search alone (measured: 1-2 % at 3-4 bits, 8 % at 2)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=gen) * torch.rand(128, 1, generator=gen)
+    importance = torch.rand(256, generator=gen) ** 4
+    errs = {}
+    for mode in ("act_mse", "act_wls"):
+        d = packing.dequantize_weight(packing.quantize_weight(w, None, bits, 64, False, mode, importance=importance))
+        errs[mode] = float(((d - w).square() * importance).sum())
+    assert errs["act_wls"] < errs["act_mse"] * (0.995 if bits > 2 else 0.97), errs
+
+
+def test_refit_modes_need_importance_like_act_mse() -> None:
+    assert packing.needs_importance("act_wls") and not packing.needs_importance("mse_wls")
+    with pytest.raises(ValueError, match=r"clip_search='act_wls' needs importance"):
+        packing.quantize_weight(torch.randn(4, 40), None, 4, 8, clip_search="act_wls")
