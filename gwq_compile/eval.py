@@ -28,7 +28,6 @@ import gzip
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,42 +237,3 @@ def load_eval_text(dataset: str = "wikitext2", data_file: str | os.PathLike | No
     if not text.strip():
         raise ValueError(f"the {dataset} evaluation text is empty")
     return text
-
-
-# ----------------------------------------------------------------------------- results files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never a partial file.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
-        >>> write_text_atomic(p, "{}").read_text()
-        '{}'
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600; give the result the permissions a plain open() would have.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> Path:
-    """:func:`write_text_atomic` of ``json.dumps(obj, indent=2)``."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gwq_compile import GWQConfig, GWQTensor, load_quantized, quantize_, save_quantized
+from gwq_compile import atomic_write
 from gwq_compile import serialization as ser
 from tests.conftest import tiny_llama
 
@@ -153,7 +154,7 @@ def test_without_atomic_exchange_an_interrupted_swap_is_repaired(quantized, tmp_
     checkpoint sits in the backup, loading says where, and the next save puts it back first."""
     out = tmp_path / "ck"
     save_quantized(quantized, out)
-    monkeypatch.setattr(ser, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_write, "_exchange", lambda a, b: False)
     renames, real_rename = [], os.rename
 
     def rename_then_stop(src, dst):
@@ -180,7 +181,7 @@ def test_without_atomic_exchange_an_interrupted_swap_is_repaired(quantized, tmp_
 def test_stale_temporaries_are_removed_by_the_next_save(quantized, tmp_path) -> None:
     out = tmp_path / "ck"
     save_quantized(quantized, out)
-    stale = tmp_path / f".ck{ser.TEMP_MARK}abc123"
+    stale = tmp_path / f".ck{atomic_write.TEMP_MARK}abc123"
     stale.mkdir()
     (stale / ser.WEIGHTS_FILE).write_bytes(b"half a file")
     (out / ".model.safetensors.x1y2.tmp").write_bytes(b"format 1 leftover")
@@ -190,7 +191,7 @@ def test_stale_temporaries_are_removed_by_the_next_save(quantized, tmp_path) -> 
 
 
 def test_interrupted_save_is_reported_as_such(quantized, tmp_path) -> None:
-    (tmp_path / f".ck{ser.TEMP_MARK}abc123").mkdir()
+    (tmp_path / f".ck{atomic_write.TEMP_MARK}abc123").mkdir()
     with pytest.raises(FileNotFoundError, match="interrupted"):
         load_quantized(_skeleton(), tmp_path / "ck")
     out = tmp_path / "other"
