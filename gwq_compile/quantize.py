@@ -88,11 +88,8 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
     w = calibration.local_tensor(weight.detach()).float()
-    scales, zeros = packing.compute_group_qparams(
-        w, None, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
-    )
-    codes = packing.quantize_to_codes(w, scales, zeros, config.bits, config.group_size)
-    return (w - packing.dequantize_codes(codes, scales, zeros, config.group_size)).abs_()
+    rtn = packing.fake_quantize(w, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq)
+    return (w - rtn).abs_()
 
 
 def layer_saliency(
