@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from gwq_compile import lean_backward
+from gwq_compile import gptq, lean_backward
 from gwq_compile.config import GWQConfig
 from gwq_compile.eval import logits_of, next_token_nll
 
@@ -114,9 +114,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
         def _hessian(mod: torch.nn.Module, args: tuple) -> None:
             if lean_backward.hooks_paused():  # a checkpointed layer's recomputation: already recorded
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            state.hessian = x.T @ x if state.hessian is None else state.hessian.addmm_(x.T, x)
-            state.n_tokens += x.shape[0]
+            state.hessian = gptq.add_input_gram(state.hessian, args[0])
+            state.n_tokens += args[0].numel() // args[0].shape[-1]
 
         state.handles.append(module.register_forward_pre_hook(_hessian))
 

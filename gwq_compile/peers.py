@@ -289,24 +289,12 @@ def gptq_quantize_model(
     for layer in decoder_layers(model):
         local = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         hessians: dict[str, torch.Tensor] = {}
-        last: list = [None, None]  # (input tensor, its gram): q/k/v and gate/up get the same tensor object
-
-        def make_hook(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                if args[0] is not last[0]:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    last[0], last[1] = args[0], x.T @ x
-                hessians[name] = hessians[name] + last[1] if name in hessians else last[1].clone()
-
-            return hook
-
-        handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in local]
+        handles = gptq.record_input_grams({n: layer.get_submodule(n) for n in local}, hessians)
         try:
             _run_layer(layer, states, kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-            last[0] = last[1] = None
         _gptq_linears(dict(layer.named_modules()), hessians, opts)
         states = _run_layer(layer, states, kwargs)  # inputs of the next layer, through the quantized one
     # Linears outside the decoder layers (rare), from a pass through the now quantized model.
