@@ -107,10 +107,24 @@ def test_transformers_layout_permissions_and_no_temp_files(quantized, tmp_path) 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gwq" and qc["format_version"] == ser.FORMAT_VERSION
     assert (qc["bits"], qc["group_size"], qc["outlier_ratio"]) == (3, 64, 0.02)
-    fields = {f for f in CFG.to_dict() if f not in ("step", "progress")}
+    fields = set(CFG.to_dict())
+    assert not fields & {"step", "progress"}
     assert set(qc) == {"quant_method", "format_version"} | fields  # the model's quantization, nothing of one run
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_run_fields_are_not_recorded_and_old_checkpoints_with_them_load(quantized, tmp_path) -> None:
+    """``progress`` (a display flag) and ``step`` describe one run: the header leaves them out, and
+    a checkpoint written before that (which holds them) still loads to the same config."""
+    out = save_quantized(quantized, tmp_path / "ck")
+    with safe_open(out / ser.WEIGHTS_FILE, framework="pt") as f:
+        recorded = json.loads(f.metadata()[ser.META_CONFIG])
+    assert recorded == CFG.to_dict() and not {"step", "progress"} & set(recorded)
+    _rewrite_header(out, **{ser.META_CONFIG: json.dumps({**recorded, "progress": True, "step": None})})
+    loaded = load_quantized(_skeleton(), out)
+    assert loaded._gwq_config == CFG  # equality ignores progress; loading gives the default
+    assert_same_model(quantized, loaded)
 
 
 def test_overwrite_keeps_other_files_and_replaces_weights(quantized, token_ids, tmp_path) -> None:
