@@ -23,13 +23,32 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gwq_compile import gptq, lean_backward
 from gwq_compile.config import GWQConfig
-from gwq_compile.eval import logits_of, next_token_nll
 
 _STATE_ATTR = "_gwq_calibration"
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model output: a tensor, a tuple whose first item is one, or an object with ``.logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    if logits is None:
+        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (computed in fp32)."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
 @dataclass

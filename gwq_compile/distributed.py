@@ -232,7 +232,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, config: GWQConfig, calibra
     init_process_group()
     model_dir = Path(model_dir)
     model = load_sharded(model_dir, dtype)
-    targets = quantize.target_linears(model, config)
+    targets = quantize.target_modules(model, config)
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         calibrate(model, config, calibration_data, targets)

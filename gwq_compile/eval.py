@@ -32,32 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gwq_compile import data
+from gwq_compile.calibration import logits_of, next_token_nll  # noqa: F401  (the loss calibration uses; re-exported)
 from gwq_compile.options import DATASETS, LOADERS
 
 C4_DOCUMENTS = 1100  # GPTQ's C4 validation protocol: ' '.join(first 1100 documents)
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple whose first item is one, or an object with ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    if logits is None:
-        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-    return logits
-
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (computed in fp32)."""
-    shift_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
 def context_length(model) -> int | None:

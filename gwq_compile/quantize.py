@@ -1,6 +1,6 @@
 """``quantize_``: GWQ on every eligible ``nn.Linear`` of a model.
 
-Three stages, each a small function: choose the target layers (:func:`target_linears`),
+Three stages, each a small function: choose the target layers (:func:`target_modules`),
 calibrate (:mod:`gwq_compile.calibration`), convert each layer (:func:`convert_linear`:
 saliency -> outlier mask -> packed weight -> parameter swap).  The torchao handler
 registered for :class:`GWQConfig` only runs prepare or convert on one module, so
@@ -289,10 +289,10 @@ def _gwq_module_handler(module: torch.nn.Module, config: GWQConfig) -> torch.nn.
 
 
 def _tied_to_other_modules(model: torch.nn.Module) -> dict[int, str]:
-    """id(param) -> name of a non-Linear module using it (e.g. an embedding tied to lm_head)."""
+    """id(param) -> name of a module other than a linear using it (e.g. an embedding tied to lm_head)."""
     owners = {}
     for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
+        if isinstance(mod, torch.nn.Linear) or is_conv1d(mod):
             continue
         for pname, p in mod.named_parameters(recurse=False):
             owners[id(p)] = f"{mname}.{pname}" if mname else pname
@@ -307,9 +307,28 @@ def output_head(model: torch.nn.Module, config: GWQConfig) -> torch.nn.Linear | 
     return head if isinstance(head, torch.nn.Linear) and not isinstance(head.weight, GWQTensor) else None
 
 
-def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Linear]]:
-    """The ``(name, module)`` pairs GWQ will quantize, after the skip rules; the output
-    embedding is one of them when ``config.head_bits`` is set (tied or not)."""
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """An HF ``Conv1D`` (``weight`` ``[in, out]``, ``nf`` outputs; GPT-2), matched by duck type so
+    this package does not import transformers for it."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.nn.Parameter)
+        and weight.dim() == 2 and weight.shape[1] == module.nf
+    )  # fmt: skip
+
+
+def target_modules(
+    model: torch.nn.Module, config: GWQConfig, conv1d: bool = False, quantized: bool = False
+) -> list[tuple[str, torch.nn.Module]]:
+    """The ``(name, module)`` pairs GWQ quantizes, after the skip rules: the one targeting rule
+    (eager ``quantize_``, the backend, FSDP2, the peers).
+
+    Every ``nn.Linear`` (and HF ``Conv1D`` with ``conv1d``, which the backend quantizes) but
+    those ``config.skip_modules`` names, the output embedding (``skip_output_embeddings``) and
+    layers whose weight a non-linear module shares (with a warning); the output embedding is
+    one of them when ``config.head_bits`` is set (tied or not).  Already quantized layers are
+    left out unless ``quantized`` (to count what was quantized).
+    """
     head = output_head(model, config)
     output_embeddings = None
     if config.skip_output_embeddings and hasattr(model, "get_output_embeddings"):
@@ -317,17 +336,20 @@ def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str,
     tied = _tied_to_other_modules(model)
     targets = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or isinstance(mod.weight, GWQTensor):
+        if not (isinstance(mod, torch.nn.Linear) or (conv1d and is_conv1d(mod))):
             continue
+        if isinstance(mod.weight, GWQTensor) and not quantized:
+            continue
+        label = name or _name(mod)
         if mod is head:
-            targets.append((name or _name(mod), mod))
+            targets.append((label, mod))
             continue
         if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
             continue
         if id(mod.weight) in tied:
             warnings.warn(f"layer {name!r} shares its weight with {tied[id(mod.weight)]!r}; it is not quantized (tied weights are never untied)", stacklevel=3)
             continue
-        targets.append((name or _name(mod), mod))
+        targets.append((label, mod))
     return targets
 
 
@@ -351,7 +373,7 @@ def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.
         >>> import torchao                                                          # doctest: +SKIP
         >>> torchao.quantization.quantize_(model, cfg, filter_fn=gwq_filter(model, cfg))  # doctest: +SKIP
     """
-    targets = target_linears(model, config)
+    targets = target_modules(model, config)
     chosen = {id(m): name for name, m in targets}
     if config.step == "convert" and config.outlier_scope == "model":
         rank_model_outliers(ranking_entries([m for _, m in targets]), config)
@@ -386,7 +408,7 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
     if config.step == "convert":
         _convert_model(model, config)
         return
-    targets = target_linears(model, config)
+    targets = target_modules(model, config)
     if not targets:
         already = sum(isinstance(p, GWQTensor) for p in model.parameters())
         if already:

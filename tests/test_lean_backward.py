@@ -15,7 +15,7 @@ HEAD_RTOL, HEAD_ATOL = 1e-5, 1e-6
 
 
 def calibrated_states(model: torch.nn.Module, config: GWQConfig, ids: torch.Tensor, bounded: bool) -> dict[str, calibration.LayerCalibration]:
-    targets = quantize.target_linears(model, config)
+    targets = quantize.target_modules(model, config)
     snapshot = calibration.snapshot_and_freeze(model)
     for name, mod in targets:
         quantize.mark_target(model, name, mod, config)
