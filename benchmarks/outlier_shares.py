@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import GWQConfig, data, peers, quantize_
+from gwq_compile import GWQConfig, data, quantize_
+from gwq_tools import peers
 from gwq_compile.atomic_write import write_text as write_text_atomic
 from gwq_compile.models import load_causal_lm
 

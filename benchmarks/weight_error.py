@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import packing, peers
+from gwq_compile import packing
+from gwq_tools import peers
 from gwq_compile.atomic_write import write_text as write_text_atomic
 from gwq_compile.models import load_causal_lm
 

@@ -7,7 +7,7 @@
   "by the Hessian" (SpQR-style) instead of by the gradient.
 * :func:`collect_hessians`: ``H`` of named ``nn.Linear`` inputs via forward hooks, one
   pass over the calibration batches through the model as it is (not sequential; the
-  sequential, layer-by-layer driver is :func:`gwq_compile.peers.gptq_quantize_model`).
+  sequential, layer-by-layer driver is :func:`gwq_tools.peers.gptq_quantize_model`).
 
 Group grids.  Without act-order the grid of a group (scale and zero, from
 :func:`packing.compute_group_qparams`) is computed when GPTQ reaches the group's first

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from gwq_compile import awq, gptq, packing, peers
+from gwq_compile import gptq, packing
+from gwq_tools import awq, peers
 from gwq_compile.tensor import GWQTensor
 
 transformers = pytest.importorskip("transformers")

@@ -31,7 +31,7 @@ through quantized layers either; scaling alone does not change the fp function).
 
 Example:
     >>> import torch
-    >>> from gwq_compile.awq import search_scale
+    >>> from gwq_tools.awq import search_scale
     >>> x = torch.randn(256, 64) * torch.linspace(0.1, 4, 64); w = torch.randn(32, 64)
     >>> res = search_scale(x, [w], bits=3, group_size=32)
     >>> res.mse <= res.rtn_mse
@@ -202,7 +202,7 @@ def apply_awq_to_llama_layer(
     Example:
         >>> import torch
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from gwq_compile.peers import capture_layer_inputs
+        >>> from gwq_tools.peers import capture_layer_inputs
         >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         ...                   num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
         >>> model = LlamaForCausalLM(cfg).eval()

@@ -12,7 +12,7 @@ the output head, which SmolLM2 ties to the embedding), the same set for every me
   and linears reading the same input (q/k/v, gate/up) are solved as one stacked weight
   (GPTQ is row-independent given H: same result, one column loop).
   ``sequential=False``: every Hessian from one pass through the full-precision model.
-* :func:`awq_quantize_model`: AWQ scale search and folding (:mod:`gwq_compile.awq`) on
+* :func:`awq_quantize_model`: AWQ scale search and folding (:mod:`gwq_tools.awq`) on
   full-precision layer inputs, then RTN of the scaled weights.
 * :func:`torchao_intx_quantize_model`: torchao's ``IntxWeightOnlyConfig`` (int2/3/4,
   ``PerGroup``), with ``IntxChooseQParamsAlgorithm.AFFINE`` or ``HQQ_SCALE_ONLY``.
@@ -23,7 +23,7 @@ the output head, which SmolLM2 ties to the embedding), the same set for every me
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from gwq_compile import peers
+    >>> from gwq_tools import peers
     >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
     ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     >>> model = peers.rtn_quantize_model(LlamaForCausalLM(cfg).eval(), bits=4, group_size=32)
@@ -40,7 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gwq_compile import awq, gptq, packing
+from gwq_compile import gptq, packing
+from gwq_tools import awq
+from gwq_compile.quantize import GWQConfig, target_modules
+from gwq_compile.report import layer_report
 from gwq_compile.tensor import GWQTensor
 
 __all__ = [
@@ -60,9 +63,9 @@ TORCHAO_ALGORITHMS = ("affine", "hqq_scale_only")
 
 
 def quantizable_linear_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` except the output head (the same set for every method)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    """Names of every ``nn.Linear`` except the output head (the same set for every method): GWQ's
+    own targeting rule (:func:`gwq_compile.quantize.target_modules`) under the default config."""
+    return [name for name, _ in target_modules(model, GWQConfig(), quantized=True)]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -401,8 +404,8 @@ def _torchao_bits(weight: torch.Tensor) -> tuple[dict[str, int], int] | None:
 def bits_per_weight(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, float]:
     """Storage of the quantizable linears' weights: ``bits_per_weight`` and its components.
 
-    GWQ tensors count what :func:`packing.storage_bits` stores (including the CSR
-    indices of outliers); torchao Intx weights count codes at b bits plus their scale
+    GWQ tensors count what :func:`gwq_compile.report.layer_report` counts (the stored format,
+    CSR indices of outliers included); torchao Intx weights count codes at b bits plus their scale
     and zero-point dtypes (``stored_bits_per_weight`` also gives the int8 codes they
     actually keep in memory); any plain float weight counts its dtype's width.
 
@@ -423,8 +426,8 @@ def bits_per_weight(model: nn.Module, names: Sequence[str] | None = None) -> dic
     for name in names:
         w = model.get_submodule(name).weight
         n_weights += w.numel()
-        if isinstance(w, GWQTensor):
-            parts = w.storage_bits()
+        if isinstance(w, GWQTensor):  # the core report's accounting, by component
+            parts = {k: v * w.numel() for k, v in layer_report(w)["bits_breakdown"].items()}
             mem = sum(parts.values())
         else:
             ao = _torchao_bits(w)
