@@ -42,7 +42,8 @@ from torch import nn
 
 from gwq_compile import gptq, packing
 from gwq_tools import awq
-from gwq_compile.quantize import GWQConfig, target_modules
+from gwq_compile.quantize import GWQConfig
+from gwq_compile.targets import target_modules
 from gwq_compile.report import layer_report
 from gwq_compile.tensor import GWQTensor
 
@@ -64,7 +65,7 @@ TORCHAO_ALGORITHMS = ("affine", "hqq_scale_only")
 
 def quantizable_linear_names(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` except the output head (the same set for every method): GWQ's
-    own targeting rule (:func:`gwq_compile.quantize.target_modules`) under the default config."""
+    own targeting rule (:func:`gwq_compile.targets.target_modules`) under the default config."""
     return [name for name, _ in target_modules(model, GWQConfig(), quantized=True)]
 
 

@@ -52,6 +52,7 @@ from torch.utils import _pytree as pytree
 
 from gwq_compile import calibration, quantize
 from gwq_compile.config import GWQConfig
+from gwq_compile.targets import mark_target, target_modules
 from gwq_compile.calibration import logits_of, next_token_nll
 from gwq_compile.passes.capture import LAYOUT_IN_OUT, LAYOUT_OUT_IN
 from gwq_compile.tensor import GWQTensor
@@ -388,7 +389,7 @@ def calibrate_model(
 def _calibrate(
     model: torch.nn.Module, config: GWQConfig, calibration_data: Any, call: Optional[ModelCall], exclude: frozenset[int]
 ) -> ModelQuantization:
-    targets = quantize.target_modules(model, config, conv1d=True)
+    targets = target_modules(model, config, conv1d=True)
     all_linears = [(n, m) for n, m in targets if isinstance(m, torch.nn.Linear)]
     all_convs = [(n, m) for n, m in targets if not isinstance(m, torch.nn.Linear)]
     for name, mod in all_linears + all_convs:
@@ -410,7 +411,7 @@ def _calibrate(
         # The same preparation, loss and conversion as eager quantize_ (same order), so the
         # masks and packed weights are identical to eager GWQ on the same data.
         for name, mod in linears:
-            quantize.mark_target(model, name, mod, config)
+            mark_target(model, name, mod, config)
             quantize.prepare_linear(mod, config)
         for name, mod in convs:
             calibration.prepare_weight(mod, name, config)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gwq_compile import GWQConfig, calibration, lean_backward, quantize
+from gwq_compile.targets import mark_target, target_modules
 from tests.conftest import tiny_llama
 
 # Checkpointing recomputes each layer with the same ops and the chunked loss gives each token
@@ -15,10 +16,10 @@ HEAD_RTOL, HEAD_ATOL = 1e-5, 1e-6
 
 
 def calibrated_states(model: torch.nn.Module, config: GWQConfig, ids: torch.Tensor, bounded: bool) -> dict[str, calibration.LayerCalibration]:
-    targets = quantize.target_modules(model, config)
+    targets = target_modules(model, config)
     snapshot = calibration.snapshot_and_freeze(model)
     for name, mod in targets:
-        quantize.mark_target(model, name, mod, config)
+        mark_target(model, name, mod, config)
         quantize.prepare_linear(mod, config)
     calibration.run_calibration(model, ids, backward=True, progress=False, bounded=bounded)
     states = {name: calibration.release_weight(mod.weight) for name, mod in targets}
