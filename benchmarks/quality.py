@@ -56,8 +56,10 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import data, peers
-from gwq_compile.eval import perplexity_details, write_json_atomic, write_text_atomic
+from gwq_compile import data
+from gwq_tools import peers
+from gwq_compile.atomic_write import write_json as write_json_atomic, write_text as write_text_atomic
+from gwq_compile.eval import perplexity_details
 from gwq_compile.models import load_causal_lm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import packing, peers
-from gwq_compile.eval import write_text_atomic
+from gwq_compile import packing
+from gwq_tools import peers
+from gwq_compile.atomic_write import write_text as write_text_atomic
 from gwq_compile.models import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "weight_error_smollm2.md"

@@ -64,6 +64,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from gwq_compile import dispatch, ops, packing
 
@@ -314,6 +315,8 @@ def _launch(wrap: Callable[[object], object], x: torch.Tensor, *args, path: str 
     m = x2.shape[0]
     out_shape = (*x.shape[:-1], n)
     family = dispatch.triton_family(m, path)
+    if not is_fake(x):  # a real run, not a trace: counted for tests (dispatch.CALLS["triton_gemv" / "triton_dense"])
+        dispatch.count(f"triton_{family}")
     if m == 0 or n == 0:
         return x.new_zeros(out_shape)
     # The kernels index every weight field and the bias with unit inner stride (no-ops for

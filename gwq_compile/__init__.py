@@ -14,8 +14,8 @@ Example:
     >>> quantize_(model, cfg, calibration_data=ids)
     >>> type(model[1].weight).__name__
     'GWQTensor'
-    >>> quantization_report(model)["outliers"]
-    64
+    >>> quantization_report(model)["outliers"]   # the default outlier_ratio, 0.5 % of the Linear's 6400 weights
+    32
 """
 
 from __future__ import annotations

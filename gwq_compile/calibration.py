@@ -23,13 +23,32 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gwq_compile import heap, lean_backward
+from gwq_compile import gptq, heap, lean_backward
 from gwq_compile.config import GWQConfig
-from gwq_compile.eval import logits_of, next_token_nll
 
 _STATE_ATTR = "_gwq_calibration"
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a model output: a tensor, a tuple whose first item is one, or an object with ``.logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    if logits is None:
+        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+    return logits
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (computed in fp32)."""
+    shift_logits = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
 @dataclass
@@ -115,9 +134,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
         def _hessian(mod: torch.nn.Module, args: tuple) -> None:
             if lean_backward.hooks_paused():  # a checkpointed layer's recomputation: already recorded
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            state.hessian = x.T @ x if state.hessian is None else state.hessian.addmm_(x.T, x)
-            state.n_tokens += x.shape[0]
+            state.hessian = gptq.add_input_gram(state.hessian, args[0])
+            state.n_tokens += args[0].numel() // args[0].shape[-1]
 
         state.handles.append(module.register_forward_pre_hook(_hessian))
 

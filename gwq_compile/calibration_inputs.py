@@ -8,7 +8,7 @@ calibration consumes them, so nothing is materialized twice.
 
 Example:
     >>> import torch
-    >>> next(iter(token_batches([[1, 2, 3]], vocab_size=10))).tolist()
+    >>> token_batches([[1, 2, 3]], vocab_size=10).tolist()   # one [batch, seq] batch
     [[1, 2, 3]]
     >>> next(iter(token_batches(torch.tensor([[1, 12]]), vocab_size=10)))
     Traceback (most recent call last):

@@ -148,6 +148,7 @@ def _check_output_path(path: str | None) -> Path | None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from gwq_compile import atomic_write
     from gwq_compile import eval as gwq_eval
 
     output = _check_output_path(args.output)
@@ -176,7 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
             **res.__dict__,
             "machine": _machine(),
         }
-        gwq_eval.write_json_atomic(output, record)
+        atomic_write.write_json(output, record)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,6 +27,22 @@ from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CH
 from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, needs_importance
 
 MAX_OUTLIER_RATIO = 0.5
+#: Options kept for the benchmarks' ablations (benchmarks/quality.py), the one list of them:
+#: choosing one warns, with the reason.
+EXPERIMENTAL = {
+    ("saliency", "fisher"): "with one calibration sample it ranks weights exactly as 'grad' (squaring keeps the order of |g|)",
+    ("compensation", "gptq"): "measured worse than the default and slow on SmolLM2 (benchmarks/results/quality_smollm2.md); 'gptq_act' is the GPTQ option",
+    ("outlier_scope", "row"): "outlier_ratio then means round(outlier_ratio * in_features) outliers in every output row, not a share of the layer or model",
+}
+
+
+class ExperimentalOptionWarning(UserWarning):
+    """A :data:`EXPERIMENTAL` option was chosen."""
+
+
+#: Fields of one run (a display flag, the torchao step), not of the quantization: never
+#: written into checkpoints, and ignored where older checkpoints hold them.
+RUN_FIELDS = ("step", "progress")
 
 
 @dataclass
@@ -39,7 +56,7 @@ class GWQConfig(AOBaseConfig):
         outlier_ratio: fraction of each layer's weights kept as fp16 outliers, in [0, 0.5].
         saliency: how weights are scored from the calibration backward passes:
             ``"grad"`` sum over samples of |dL/dW| (the paper's, one sample);
-            ``"fisher"`` sum of (dL/dW)^2 (empirical Fisher diagonal);
+            ``"fisher"`` sum of (dL/dW)^2 (empirical Fisher diagonal; experimental, :data:`EXPERIMENTAL`);
             ``"grad_weight"`` sum of |dL/dW * W| (first-order Taylor change of the loss);
             ``"grad_error"`` sum of |dL/dW| times (W - RTN(W))^2, the squared rounding error
             each weight gets on its layer's own grid (``clip_search`` included, before any
@@ -48,7 +65,7 @@ class GWQConfig(AOBaseConfig):
             ``"hessian"`` SpQR/OBS-style w^2 / [H^-1]_jj^2 from the layer-input Hessian
             (no gradient used; the baseline the paper argues gradients beat).
         outlier_scope: ``"layer"`` takes the top ``outlier_ratio`` of each layer;
-            ``"row"`` takes ``round(outlier_ratio * in_features)`` per output row (equal
+            ``"row"`` (experimental, :data:`EXPERIMENTAL`) takes ``round(outlier_ratio * in_features)`` per output row (equal
             counts per row, which kernels like); ``"model"`` takes the top
             ``outlier_ratio`` of all quantized weights of the model together, so sensitive
             layers get more outliers than others (the same total).  Scores of different
@@ -65,7 +82,7 @@ class GWQConfig(AOBaseConfig):
             refit of each group's scale and zero with its codes held (llama.cpp's make_qkx).
             Rounding stays round-to-nearest.  Ignored by GPTQ compensation, which
             chooses its own grid.
-        compensation: ``"gptq"`` quantizes the non-outliers with GPTQ error compensation
+        compensation: ``"gptq"`` (experimental, :data:`EXPERIMENTAL`) quantizes the non-outliers with GPTQ error compensation
             (uses the layer-input Hessian from the same calibration passes) instead of
             round-to-nearest.  Goes beyond the paper.  ``"gptq_act"`` is the same with
             act-order (columns visited by decreasing Hessian diagonal, static groups),
@@ -115,7 +132,7 @@ class GWQConfig(AOBaseConfig):
     head_group_size: int = 128
     bits_budget: Optional[float] = None
     step: Optional[str] = None
-    progress: bool = True
+    progress: bool = field(default=True, compare=False)  # a display flag: no part of what two configs quantize alike
 
     def __post_init__(self) -> None:
         # Integers only (numpy ints too): 4.0 would pass `in SUPPORTED_BITS` and then fail in a bit shift.
@@ -131,6 +148,9 @@ class GWQConfig(AOBaseConfig):
         self._check_choice("outlier_scope", SCOPE_CHOICES)
         self._check_choice("compensation", COMPENSATION_CHOICES)
         self._check_choice("step", STEP_CHOICES)
+        for (name, value), why in EXPERIMENTAL.items():
+            if getattr(self, name) == value:
+                warnings.warn(f"GWQConfig({name}={value!r}) is experimental: {why}", ExperimentalOptionWarning, stacklevel=3)
         if not isinstance(self.clip_search, (bool, str)) or (isinstance(self.clip_search, str) and self.clip_search not in CLIP_SEARCH_MODES):
             raise ValueError(f"GWQConfig.clip_search must be True, False or one of {CLIP_SEARCH_MODES}, got {self.clip_search!r}")
         if self.head_bits is not None and (isinstance(self.head_bits, bool) or not isinstance(self.head_bits, numbers.Integral) or self.head_bits not in SUPPORTED_BITS):
@@ -176,18 +196,20 @@ class GWQConfig(AOBaseConfig):
         return self.saliency == "hessian" or self.compensation != "none"
 
     def to_dict(self) -> dict:
-        """The fields as plain JSON-able values (what checkpoints record)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The quantization's fields as plain JSON-able values (what checkpoints record): not
+        :data:`RUN_FIELDS`, which describe one run, not the model."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_FIELDS}
         d["skip_modules"] = list(self.skip_modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GWQConfig":
+        """The config :meth:`to_dict` recorded; :data:`RUN_FIELDS` that older checkpoints recorded are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown GWQConfig fields {unknown}; valid fields: {sorted(names)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k not in RUN_FIELDS})
 
     def replace(self, **changes) -> "GWQConfig":
         return dataclasses.replace(self, **changes)

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from gwq_compile import calibration, packing, quantize
 from gwq_compile.config import GWQConfig
+from gwq_compile.targets import mark_target, target_modules
 from gwq_compile.tensor import GWQTensor
 
 
@@ -159,7 +160,7 @@ def calibrate(model: torch.nn.Module, config: GWQConfig, calibration_data: Any, 
         module.set_gradient_divide_factor(1.0)  # a sum: rank 0's gradient plus zeros, exactly
         module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     for name, mod in targets:
-        quantize.mark_target(model, name, mod, config)
+        mark_target(model, name, mod, config)
         quantize.prepare_linear(mod, config)
     loss_scale = 1.0 if dist.get_rank() == 0 else 0.0
     calibration.run_calibration(model, calibration_data, backward=config.needs_gradients, progress=config.progress and dist.get_rank() == 0, loss_scale=loss_scale)
@@ -232,7 +233,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, config: GWQConfig, calibra
     init_process_group()
     model_dir = Path(model_dir)
     model = load_sharded(model_dir, dtype)
-    targets = quantize.target_linears(model, config)
+    targets = target_modules(model, config)
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         calibrate(model, config, calibration_data, targets)

@@ -28,37 +28,17 @@ import gzip
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gwq_compile import data
+from gwq_compile.calibration import logits_of, next_token_nll  # noqa: F401  (the loss calibration uses; re-exported)
 from gwq_compile.options import DATASETS, LOADERS
 
 C4_DOCUMENTS = 1100  # GPTQ's C4 validation protocol: ' '.join(first 1100 documents)
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits of a model output: a tensor, a tuple whose first item is one, or an object with ``.logits``."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        logits = output[0]
-    if logits is None:
-        raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-    return logits
-
-
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of predicting ``input_ids[:, 1:]`` from ``logits[:, :-1]`` (computed in fp32)."""
-    shift_logits = logits[:, :-1, :].float()
-    targets = input_ids[:, 1:].to(shift_logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
 def context_length(model) -> int | None:
@@ -238,42 +218,3 @@ def load_eval_text(dataset: str = "wikitext2", data_file: str | os.PathLike | No
     if not text.strip():
         raise ValueError(f"the {dataset} evaluation text is empty")
     return text
-
-
-# ----------------------------------------------------------------------------- results files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never a partial file.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
-        >>> write_text_atomic(p, "{}").read_text()
-        '{}'
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates 0600; give the result the permissions a plain open() would have.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: object) -> Path:
-    """:func:`write_text_atomic` of ``json.dumps(obj, indent=2)``."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

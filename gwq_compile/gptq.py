@@ -7,7 +7,7 @@
   "by the Hessian" (SpQR-style) instead of by the gradient.
 * :func:`collect_hessians`: ``H`` of named ``nn.Linear`` inputs via forward hooks, one
   pass over the calibration batches through the model as it is (not sequential; the
-  sequential, layer-by-layer driver is :func:`gwq_compile.peers.gptq_quantize_model`).
+  sequential, layer-by-layer driver is :func:`gwq_tools.peers.gptq_quantize_model`).
 
 Group grids.  Without act-order the grid of a group (scale and zero, from
 :func:`packing.compute_group_qparams`) is computed when GPTQ reaches the group's first
@@ -43,7 +43,7 @@ import torch
 
 from gwq_compile import packing
 
-__all__ = ["gptq_quantize_weight", "hessian_saliency", "collect_hessians", "damped_inverse_hessian"]
+__all__ = ["add_input_gram", "collect_hessians", "damped_inverse_hessian", "gptq_quantize_weight", "hessian_saliency", "record_input_grams"]
 
 
 def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
@@ -272,6 +272,30 @@ def gptq_quantize_weight(
     )
 
 
+def add_input_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``total + X^T X`` (fp32 ``[K, K]``, in place when ``total`` is given) for the rows ``X`` of a
+    linear's input ``x`` (any leading dims): the one place a GPTQ Hessian is accumulated."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return x.T @ x if total is None else total.addmm_(x.T, x)
+
+
+def record_input_grams(modules: dict[str, torch.nn.Module], grams: dict[str, torch.Tensor]) -> list:
+    """Forward pre-hooks that add each named module's input gram into ``grams[name]``; returns
+    their handles (the caller removes them).  Modules fed the same tensor (q/k/v, gate/up) share
+    one product per forward."""
+    last: list = [None, None]  # (input tensor, its gram)
+
+    def make_hook(name: str):
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            if args[0] is not last[0]:
+                last[0], last[1] = args[0], add_input_gram(None, args[0])
+            grams[name] = grams[name].add_(last[1]) if name in grams else last[1].clone()
+
+        return hook
+
+    return [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+
+
 def collect_hessians(
     model: torch.nn.Module,
     module_names: Sequence[str],
@@ -302,19 +326,7 @@ def collect_hessians(
         raise TypeError(f"collect_hessians needs nn.Linear modules, got other types for: {not_linear}")
 
     hessians: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            gram = x.T @ x
-            if name in hessians:
-                hessians[name] += gram
-            else:
-                hessians[name] = gram
-
-        return hook
-
-    handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in module_names]
+    handles = record_input_grams({name: modules[name] for name in module_names}, hessians)
     device = next(model.parameters()).device
     if isinstance(batches, torch.Tensor):
         if batches.dim() != 2:

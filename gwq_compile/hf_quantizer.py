@@ -46,9 +46,6 @@ from gwq_compile.tensor import GWQTensor
 
 QUANT_METHOD = "gwq"
 # Fields of GWQConfig that describe a run, not the quantization: not written to config.json.
-_RUN_FIELDS = ("step", "progress")
-
-
 class GWQHfConfig(QuantizationConfigMixin):
     """``quantization_config`` for GWQ.
 
@@ -111,8 +108,7 @@ class GWQHfConfig(QuantizationConfigMixin):
         """What config.json records: the method, the format version and the GWQ config.  The
         calibration arguments are options of one quantize-on-load call, not of the model (a
         model quantized with ``quantize_`` never saw them), so they are not written."""
-        gwq = {k: v for k, v in self.gwq_config.to_dict().items() if k not in _RUN_FIELDS}
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, **gwq}
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, **self.gwq_config.to_dict()}
 
     def __repr__(self) -> str:
         return f"GWQHfConfig({self.to_dict()})"

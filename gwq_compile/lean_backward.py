@@ -176,7 +176,7 @@ class HeadCapture:
 def head_capture(model: torch.nn.Module, call: Callable[[torch.Tensor], Any]) -> HeadCapture | None:
     """A :class:`HeadCapture` for the model's LM head when its logits are the head's output
     as is (probed on 2 tokens with hooks paused); else None, with a warning."""
-    from gwq_compile.eval import logits_of
+    from gwq_compile.calibration import logits_of
 
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None

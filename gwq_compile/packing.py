@@ -398,6 +398,20 @@ def dequantize_codes(
     return w.view(n, -1)[:, :k].to(dtype)
 
 
+def fake_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, clip_search: bool | str = False, importance: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Round ``weight`` onto its own grid (:func:`compute_group_qparams`, no outliers) and back:
+    fp32 ``[N, K]``, no packing (searches run it many times).
+
+    Example:
+        >>> fake_quantize(torch.randn(4, 64), bits=4, group_size=32).shape
+        torch.Size([4, 64])
+    """
+    scales, zeros = compute_group_qparams(weight, None, bits, group_size, symmetric, clip_search, importance)
+    return dequantize_codes(quantize_to_codes(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
+
+
 # ----------------------------------------------------------------------------- outliers (CSR)
 
 

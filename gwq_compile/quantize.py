@@ -1,6 +1,6 @@
 """``quantize_``: GWQ on every eligible ``nn.Linear`` of a model.
 
-Three stages, each a small function: choose the target layers (:func:`target_linears`),
+Three stages, each a small function: choose the target layers (:func:`gwq_compile.targets.target_modules`),
 calibrate (:mod:`gwq_compile.calibration`), convert each layer (:func:`convert_linear`:
 saliency -> outlier mask -> packed weight -> parameter swap).  The torchao handler
 registered for :class:`GWQConfig` only runs prepare or convert on one module, so
@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import warnings
 from typing import Any, Callable
@@ -30,10 +29,9 @@ from tqdm.auto import tqdm
 
 from gwq_compile import calibration, calibration_inputs, hf_registration, packing, ranking
 from gwq_compile.config import GWQConfig
+from gwq_compile.targets import HEAD_ATTR, NAME_ATTR, layer_name, mark_target, output_head, target_modules
 from gwq_compile.tensor import GWQTensor
 
-NAME_ATTR = "_gwq_name"
-HEAD_ATTR = "_gwq_head"  # on the output embedding quantized on the head's grid: the (module, name) of each tied parameter slot
 
 
 def layer_config(config: GWQConfig, state: calibration.LayerCalibration) -> GWQConfig:
@@ -90,11 +88,8 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
     w = calibration.local_tensor(weight.detach()).float()
-    scales, zeros = packing.compute_group_qparams(
-        w, None, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
-    )
-    codes = packing.quantize_to_codes(w, scales, zeros, config.bits, config.group_size)
-    return (w - packing.dequantize_codes(codes, scales, zeros, config.group_size)).abs_()
+    rtn = packing.fake_quantize(w, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq)
+    return (w - rtn).abs_()
 
 
 def layer_saliency(
@@ -280,13 +275,9 @@ def warn_no_input_sq(state: calibration.LayerCalibration, config: GWQConfig) -> 
         )
 
 
-def _name(module: torch.nn.Module) -> str:
-    return getattr(module, NAME_ATTR, None) or f"Linear({module.in_features}->{module.out_features})"
-
-
 def prepare_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Module:
     _check_linear(module)
-    state = calibration.prepare_weight(module, _name(module), config)
+    state = calibration.prepare_weight(module, layer_name(module), config)
     state.is_head = state.is_head or hasattr(module, HEAD_ATTR)
     return module
 
@@ -299,7 +290,7 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
         return module  # already converted (a tied weight converted through another module)
     state = calibration.layer_state(weight)
     if state is None:
-        raise ValueError(f"layer {_name(module)!r}: convert without prepare; run quantize_(model, GWQConfig(step='prepare')) and a backward pass first")
+        raise ValueError(f"layer {layer_name(module)!r}: convert without prepare; run quantize_(model, GWQConfig(step='prepare')) and a backward pass first")
     if state.quantized is None:
         missing_grad = config.needs_gradients and state.n_backward == 0
         missing_hessian = config.needs_hessian and state.hessian is None
@@ -345,59 +336,6 @@ def _gwq_module_handler(module: torch.nn.Module, config: GWQConfig) -> torch.nn.
 # ----------------------------------------------------------------------------- choosing layers
 
 
-def _tied_to_other_modules(model: torch.nn.Module) -> dict[int, str]:
-    """id(param) -> name of a non-Linear module using it (e.g. an embedding tied to lm_head)."""
-    owners = {}
-    for mname, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            owners[id(p)] = f"{mname}.{pname}" if mname else pname
-    return owners
-
-
-def output_head(model: torch.nn.Module, config: GWQConfig) -> torch.nn.Linear | None:
-    """The output embedding to quantize on the head's grid (``config.head_bits``), if any."""
-    if config.head_bits is None or not hasattr(model, "get_output_embeddings"):
-        return None
-    head = model.get_output_embeddings()
-    return head if isinstance(head, torch.nn.Linear) and not isinstance(head.weight, GWQTensor) else None
-
-
-def target_linears(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Linear]]:
-    """The ``(name, module)`` pairs GWQ will quantize, after the skip rules; the output
-    embedding is one of them when ``config.head_bits`` is set (tied or not)."""
-    head = output_head(model, config)
-    output_embeddings = None
-    if config.skip_output_embeddings and hasattr(model, "get_output_embeddings"):
-        output_embeddings = model.get_output_embeddings()
-    tied = _tied_to_other_modules(model)
-    targets = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or isinstance(mod.weight, GWQTensor):
-            continue
-        if mod is head:
-            targets.append((name or _name(mod), mod))
-            continue
-        if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
-            continue
-        if id(mod.weight) in tied:
-            warnings.warn(f"layer {name!r} shares its weight with {tied[id(mod.weight)]!r}; it is not quantized (tied weights are never untied)", stacklevel=3)
-            continue
-        targets.append((name or _name(mod), mod))
-    return targets
-
-
-def mark_target(model: torch.nn.Module, name: str, module: torch.nn.Module, config: GWQConfig) -> None:
-    """Name the layer (for messages); on the output embedding quantized on the head's grid,
-    record the other modules' slots that hold its weight (a tied input embedding), which
-    :func:`convert_linear` points at the quantized weight too, so the tie survives."""
-    setattr(module, NAME_ATTR, name)
-    if module is output_head(model, config):
-        slots = [(m, n) for m in model.modules() if not isinstance(m, torch.nn.Linear) for n, p in m._parameters.items() if p is module.weight]
-        setattr(module, HEAD_ATTR, slots)
-
-
 def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.Module, str], bool]:
     """A ``filter_fn`` for ``torchao.quantization.quantize_`` applying GWQ's skip rules.
 
@@ -408,7 +346,7 @@ def gwq_filter(model: torch.nn.Module, config: GWQConfig) -> Callable[[torch.nn.
         >>> import torchao                                                          # doctest: +SKIP
         >>> torchao.quantization.quantize_(model, cfg, filter_fn=gwq_filter(model, cfg))  # doctest: +SKIP
     """
-    targets = target_linears(model, config)
+    targets = target_modules(model, config)
     chosen = {id(m): name for name, m in targets}
     if config.step == "convert" and config.outlier_scope == "model":
         rank_model_outliers(ranking_entries([m for _, m in targets]), config)
@@ -443,7 +381,7 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
     if config.step == "convert":
         _convert_model(model, config)
         return
-    targets = target_linears(model, config)
+    targets = target_modules(model, config)
     if not targets:
         already = sum(isinstance(p, GWQTensor) for p in model.parameters())
         if already:

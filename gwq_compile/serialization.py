@@ -17,7 +17,7 @@ A checkpoint is a folder with
   tokenizer files when a tokenizer is given.
 
 ``save_quantized`` is crash-safe: it builds the new folder beside the old one and swaps
-the two with one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``), so a process killed
+the two with one atomic rename (Linux ``renameat2(RENAME_EXCHANGE)``, :mod:`gwq_compile.atomic_write`), so a process killed
 at any moment leaves the old or the new checkpoint, never neither; files of the old folder
 that are not part of a checkpoint (a README, adapters, ...) are kept.  Stale temporary
 folders of an interrupted save are removed by the next save.
@@ -29,23 +29,19 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from gwq_compile import packing
+from gwq_compile import atomic_write, packing
 from gwq_compile.tensor import GWQTensor
 
 #: The tensors a quantized weight is saved as (the stored format of :mod:`gwq_compile.packing`).
@@ -57,15 +53,11 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 LEGACY_MANIFEST_FILE = "gwq_config.json"  # format version 1 (a separate manifest)
 FIELD_SEPARATOR = "_gwq_compile_"  # x.weight_gwq_compile_group_scales: a loader without gwq_compile reports these by name
 #: The tensors a quantized weight is saved as: its stored format (``PackedWeight``'s first six).
-STORED_FIELDS = packing.PackedWeight._fields[:6]
 CODES_FIELD = "packed_codes"  # stored under the weight's own name
 # Header metadata keys (safetensors metadata is a str -> str map).
 META_VERSION, META_CONFIG, META_LAYERS, META_ALIASES, META_SHA256 = (
     "gwq_format_version", "gwq_config", "gwq_layers", "gwq_aliases", "gwq_tensor_sha256",
 )  # fmt: skip
-# Temporary sibling folders of a save in progress: ".<name>.gwq-tmp-XXXX" (the new folder
-# being built) and ".<name>.gwq-old-XXXX" (the old one, only where no atomic exchange exists).
-TEMP_MARK, BACKUP_MARK = ".gwq-tmp-", ".gwq-old-"
 
 
 # ----------------------------------------------------------------------------- tensors <-> file
@@ -147,12 +139,12 @@ def interrupted_save_hint(path: Path) -> str:
     """``" (...)"`` naming the leftovers of an interrupted save in or beside ``path``, else ``""``."""
     leftovers = []
     if path.parent.is_dir():
-        leftovers += sorted(p.name for p in path.parent.iterdir() if p.name.startswith((f".{path.name}{TEMP_MARK}", f".{path.name}{BACKUP_MARK}")))
+        leftovers += sorted(p.name for p in path.parent.iterdir() if p.name.startswith((f".{path.name}{atomic_write.TEMP_MARK}", f".{path.name}{atomic_write.BACKUP_MARK}")))
     if path.is_dir():  # temporary files that format 1 wrote inside the folder
         leftovers += sorted(p.name for p in path.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
     if not leftovers:
         return ""
-    backups = [path.parent / n / "old" for n in leftovers if n.startswith(f".{path.name}{BACKUP_MARK}")]
+    backups = [path.parent / n / "old" for n in leftovers if n.startswith(f".{path.name}{atomic_write.BACKUP_MARK}")]
     if not path.exists() and backups and backups[0].is_dir():  # only where renameat2 is missing
         return f" (a save into it was interrupted; the previous checkpoint is in {str(backups[0])!r}, and the next save puts it back)"
     return f" (a save into it was interrupted: {', '.join(leftovers[:3])}{'...' if len(leftovers) > 3 else ''} left behind; save again)"
@@ -244,36 +236,6 @@ def gwq_tensor_from_fields(fields: dict[str, torch.Tensor], layer: dict, dtype: 
 # ----------------------------------------------------------------------------- crash-safe folders
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the folders ``a`` and ``b``; False where the OS or filesystem cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Files that describe the saved model itself: the old folder's copies never survive a new
 # save (a config.json of the old model beside new weights would describe the wrong model).
 _MODEL_FILES = ("config.json", "generation_config.json", LEGACY_MANIFEST_FILE)
@@ -287,75 +249,6 @@ def _is_checkpoint_artifact(name: str) -> bool:
         or name in _MODEL_FILES
         or (name.startswith(".") and name.endswith(".tmp"))
     )
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link into ``new`` what ``old`` holds besides a checkpoint (README, adapters, ...)."""
-    for entry in old.iterdir():
-        target = new / entry.name
-        if target.exists() or target.is_symlink() or _is_checkpoint_artifact(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, target, symlinks=True, copy_function=os.link)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        else:
-            os.link(entry, target)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete what an interrupted save of ``out`` left beside it; put a lone backup back first."""
-    siblings = [p for p in out.parent.iterdir() if p.name.startswith((f".{out.name}{TEMP_MARK}", f".{out.name}{BACKUP_MARK}"))]
-    backups = [p for p in siblings if p.name.startswith(f".{out.name}{BACKUP_MARK}")]
-    if not out.exists() and backups and (backups[0] / "old").is_dir():  # killed between the fallback's two renames
-        os.rename(backups[0] / "old", out)
-    for p in siblings:
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    if out.is_dir():
-        for p in out.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():  # format 1's temporary files
-                p.unlink()
-
-
-def write_folder_atomically(out: str | os.PathLike, build: Callable[[Path], None]) -> Path:
-    """Build a folder with ``build(tmp)`` and put it at ``out`` in one atomic step.
-
-    A process killed at any moment leaves ``out`` as it was or as built, never neither.
-    The new folder and files get normal permissions (``0o777``/``0o666`` less the umask, or
-    the old folder's mode); everything in an old ``out`` that ``build`` did not write and that
-    is not a weights file is kept.
-    """
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{str(out)!r} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARK}", dir=out.parent))
-    try:
-        build(tmp)
-        written = [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
-        if out.is_dir():
-            _carry_over(out, tmp)
-        mask = _umask()
-        for p in written:
-            os.chmod(p, 0o666 & ~mask)
-            _fsync(p)
-        os.chmod(tmp, (out.stat().st_mode & 0o7777) if out.is_dir() else 0o777 & ~mask)
-        _fsync(tmp)
-        if not out.exists():
-            os.rename(tmp, out)
-        elif _exchange(tmp, out):
-            shutil.rmtree(tmp)  # now the old folder
-        else:  # no atomic exchange here: old aside, new in; a kill in between is repaired by the next save
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}{BACKUP_MARK}", dir=out.parent))
-            os.rename(out, backup / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(backup)
-        _fsync(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -393,7 +286,7 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike, tokenizer: A
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    return write_folder_atomically(path, build)
+    return atomic_write.write_folder(path, build, replaced=_is_checkpoint_artifact)
 
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:

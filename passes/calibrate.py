@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import sys
 import warnings
 import weakref
@@ -53,7 +52,8 @@ from torch.utils import _pytree as pytree
 
 from gwq_compile import calibration, quantize
 from gwq_compile.config import GWQConfig
-from gwq_compile.eval import logits_of, next_token_nll
+from gwq_compile.targets import mark_target, target_modules
+from gwq_compile.calibration import logits_of, next_token_nll
 from gwq_compile.passes.capture import LAYOUT_IN_OUT, LAYOUT_OUT_IN
 from gwq_compile.tensor import GWQTensor
 
@@ -165,24 +165,6 @@ def model_quantization(model: torch.nn.Module) -> Optional[ModelQuantization]:
 
 
 # ----------------------------------------------------------------------------- targets
-
-
-def conv1d_targets(model: torch.nn.Module, config: GWQConfig) -> list[tuple[str, torch.nn.Module]]:
-    """HF ``Conv1D`` modules (``weight`` ``[in, out]``, ``nf`` outputs) GWQ quantizes, after the skip rules.
-
-    Matched by duck type so this package does not import transformers for it.
-    """
-    targets = []
-    for name, mod in model.named_modules():
-        weight = getattr(mod, "weight", None)
-        if type(mod).__name__ != "Conv1D" or not hasattr(mod, "nf") or not isinstance(weight, torch.nn.Parameter):
-            continue
-        if isinstance(weight, GWQTensor) or weight.dim() != 2 or weight.shape[1] != mod.nf:
-            continue
-        if any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
-            continue
-        targets.append((name, mod))
-    return targets
 
 
 # ----------------------------------------------------------------------------- running the model eagerly
@@ -407,7 +389,9 @@ def calibrate_model(
 def _calibrate(
     model: torch.nn.Module, config: GWQConfig, calibration_data: Any, call: Optional[ModelCall], exclude: frozenset[int]
 ) -> ModelQuantization:
-    all_linears, all_convs = quantize.target_linears(model, config), conv1d_targets(model, config)
+    targets = target_modules(model, config, conv1d=True)
+    all_linears = [(n, m) for n, m in targets if isinstance(m, torch.nn.Linear)]
+    all_convs = [(n, m) for n, m in targets if not isinstance(m, torch.nn.Linear)]
     for name, mod in all_linears + all_convs:
         if id(mod.weight) in exclude:
             warnings.warn(
@@ -427,7 +411,7 @@ def _calibrate(
         # The same preparation, loss and conversion as eager quantize_ (same order), so the
         # masks and packed weights are identical to eager GWQ on the same data.
         for name, mod in linears:
-            quantize.mark_target(model, name, mod, config)
+            mark_target(model, name, mod, config)
             quantize.prepare_linear(mod, config)
         for name, mod in convs:
             calibration.prepare_weight(mod, name, config)

@@ -121,15 +121,6 @@ def test_datasets_loader_reproduces_the_file(text_file) -> None:
     assert gwq_eval.load_eval_text("wikitext2", multiline, loader="datasets") == multiline.read_text(encoding="utf-8")
 
 
-def test_write_text_atomic(tmp_path) -> None:
-    target = tmp_path / "r.json"
-    gwq_eval.write_json_atomic(target, {"a": 1})
-    assert json.loads(target.read_text()) == {"a": 1}
-    with pytest.raises(FileNotFoundError):
-        gwq_eval.write_text_atomic(tmp_path / "no_dir" / "r.json", "x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left behind
-
-
 # ----------------------------------------------------------------------------- CLI
 
 

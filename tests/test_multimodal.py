@@ -126,11 +126,16 @@ def test_vision_masks_follow_the_image(fp_model, eager) -> None:
 
 
 def test_quantized_vl_model_stays_close_to_fp(fp_model, eager) -> None:
+    """The logits, not the NLL: a random model's NLL sits near log(vocab) whatever its weights
+    (zeroing every quantized weight moves it by 0.25 %).  The logits' relative error is 0.064
+    here and 0.65 with every quantized weight zeroed."""
     batch = image_text_batch(1)  # not the calibration sample
+    fp_out, gwq_out = logits(fp_model, batch), logits(eager, batch)
+    rel = ((gwq_out - fp_out).norm() / fp_out.norm()).item()
+    assert rel < 0.15
     ids = batch["input_ids"]
-    nll_fp = next_token_nll(logits_of(logits(fp_model, batch)), ids).item()
-    nll_gwq = next_token_nll(logits_of(logits(eager, batch)), ids).item()
-    assert abs(nll_gwq - nll_fp) < 0.05 * nll_fp
+    nll_fp = next_token_nll(logits_of(fp_out), ids).item()
+    assert abs(next_token_nll(logits_of(gwq_out), ids).item() - nll_fp) < 0.002 * nll_fp
 
 
 def test_gwq_backend_on_vl_model(fp_model, eager) -> None:

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from gwq_compile import awq, gptq, packing, peers
+from gwq_compile import gptq, packing
+from gwq_tools import awq, peers
 from gwq_compile.tensor import GWQTensor
 
 transformers = pytest.importorskip("transformers")
@@ -210,6 +211,13 @@ def test_rtn_and_bits_per_weight_match_core_report() -> None:
     model = peers.rtn_quantize_model(_tiny_llama(), bits=3, group_size=32)
     bits = peers.bits_per_weight(model)
     assert bits["bits_per_weight"] == pytest.approx(quantization_report(model)["bits_per_weight"], rel=1e-12)
+    # Counted by hand from the layer shapes, not by the library's own storage_bits: 3-bit codes,
+    # an fp16 scale and a uint8 zero per 32 weights, no outliers, (N + 1) int32 row pointers.
+    shapes = [model.get_submodule(n).weight.shape for n in peers.quantizable_linear_names(model)]
+    assert len(shapes) == 14
+    n_weights = sum(n * k for n, k in shapes)
+    by_hand = sum(3 * n * k + (n * k // 32) * (16 + 8) + (n + 1) * 32 for n, k in shapes) / n_weights
+    assert bits["bits_per_weight"] == pytest.approx(by_hand, rel=1e-12)
     # 3-bit codes + (16 + 8) / 32 for the grid + one int32 row pointer per row (+1) over K.
     assert bits["codes_bits_per_weight"] == 3.0
     assert bits["scales_bits_per_weight"] + bits["zeros_bits_per_weight"] == pytest.approx(24 / 32)
@@ -223,7 +231,14 @@ def test_torchao_intx_peer(algorithm: str) -> None:
     with torch.no_grad():
         out = q(test).logits
         rel = ((out - ref(test).logits).norm() / ref(test).logits.norm()).item()
-    assert torch.isfinite(out).all() and rel < 0.5
+    # Measured: 0.196 (affine; RTN on the same grid: 0.196) and 0.168 (hqq_scale_only); with every
+    # quantizable weight zeroed the error is 0.64.
+    assert torch.isfinite(out).all() and rel < 0.25
+    if algorithm == "affine":  # torchao's affine min/max grid is round-to-nearest on GWQ's grid
+        r = peers.rtn_quantize_model(copy.deepcopy(ref), bits=3, group_size=32)
+        with torch.no_grad():
+            rel_rtn = ((r(test).logits - ref(test).logits).norm() / ref(test).logits.norm()).item()
+        assert rel == pytest.approx(rel_rtn, rel=0.05)
     bits = peers.bits_per_weight(q)
     # 3-bit codes, one fp16 scale and one int8 zero point per 32 weights; int8 codes in memory.
     assert bits["bits_per_weight"] == pytest.approx(3 + 24 / 32)

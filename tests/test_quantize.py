@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -496,3 +495,11 @@ def test_head_bits_through_torchao_quantize_keeps_the_tie(llama, token_ids) -> N
 def test_head_config_is_validated(field, value) -> None:
     with pytest.raises(ValueError, match=f"GWQConfig.{field}"):
         GWQConfig(**{field: value})
+
+
+@pytest.mark.parametrize("option", [dict(saliency="fisher"), dict(compensation="gptq"), dict(outlier_scope="row")])
+def test_experimental_options_warn_with_the_reason(option) -> None:
+    from gwq_compile.config import ExperimentalOptionWarning
+
+    with pytest.warns(ExperimentalOptionWarning, match=f"{next(iter(option))}=.*experimental"):
+        GWQConfig(**option)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gwq_compile import GWQConfig, GWQTensor, load_quantized, quantize_, save_quantized
+from gwq_compile import atomic_write
 from gwq_compile import serialization as ser
 from tests.conftest import tiny_llama
 
@@ -106,10 +107,24 @@ def test_transformers_layout_permissions_and_no_temp_files(quantized, tmp_path) 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gwq" and qc["format_version"] == ser.FORMAT_VERSION
     assert (qc["bits"], qc["group_size"], qc["outlier_ratio"]) == (3, 64, 0.02)
-    fields = {f for f in CFG.to_dict() if f not in ("step", "progress")}
+    fields = set(CFG.to_dict())
+    assert not fields & {"step", "progress"}
     assert set(qc) == {"quant_method", "format_version"} | fields  # the model's quantization, nothing of one run
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_run_fields_are_not_recorded_and_old_checkpoints_with_them_load(quantized, tmp_path) -> None:
+    """``progress`` (a display flag) and ``step`` describe one run: the header leaves them out, and
+    a checkpoint written before that (which holds them) still loads to the same config."""
+    out = save_quantized(quantized, tmp_path / "ck")
+    with safe_open(out / ser.WEIGHTS_FILE, framework="pt") as f:
+        recorded = json.loads(f.metadata()[ser.META_CONFIG])
+    assert recorded == CFG.to_dict() and not {"step", "progress"} & set(recorded)
+    _rewrite_header(out, **{ser.META_CONFIG: json.dumps({**recorded, "progress": True, "step": None})})
+    loaded = load_quantized(_skeleton(), out)
+    assert loaded._gwq_config == CFG  # equality ignores progress; loading gives the default
+    assert_same_model(quantized, loaded)
 
 
 def test_overwrite_keeps_other_files_and_replaces_weights(quantized, token_ids, tmp_path) -> None:
@@ -153,7 +168,7 @@ def test_without_atomic_exchange_an_interrupted_swap_is_repaired(quantized, tmp_
     checkpoint sits in the backup, loading says where, and the next save puts it back first."""
     out = tmp_path / "ck"
     save_quantized(quantized, out)
-    monkeypatch.setattr(ser, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_write, "_exchange", lambda a, b: False)
     renames, real_rename = [], os.rename
 
     def rename_then_stop(src, dst):
@@ -180,7 +195,7 @@ def test_without_atomic_exchange_an_interrupted_swap_is_repaired(quantized, tmp_
 def test_stale_temporaries_are_removed_by_the_next_save(quantized, tmp_path) -> None:
     out = tmp_path / "ck"
     save_quantized(quantized, out)
-    stale = tmp_path / f".ck{ser.TEMP_MARK}abc123"
+    stale = tmp_path / f".ck{atomic_write.TEMP_MARK}abc123"
     stale.mkdir()
     (stale / ser.WEIGHTS_FILE).write_bytes(b"half a file")
     (out / ".model.safetensors.x1y2.tmp").write_bytes(b"format 1 leftover")
@@ -190,7 +205,7 @@ def test_stale_temporaries_are_removed_by_the_next_save(quantized, tmp_path) -> 
 
 
 def test_interrupted_save_is_reported_as_such(quantized, tmp_path) -> None:
-    (tmp_path / f".ck{ser.TEMP_MARK}abc123").mkdir()
+    (tmp_path / f".ck{atomic_write.TEMP_MARK}abc123").mkdir()
     with pytest.raises(FileNotFoundError, match="interrupted"):
         load_quantized(_skeleton(), tmp_path / "ck")
     out = tmp_path / "other"

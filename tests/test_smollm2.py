@@ -53,5 +53,7 @@ def test_w4_gwq_close_to_fp_and_better_than_rtn(smollm2) -> None:
     print(f"FP {ppl_fp:.3f}  GWQ {ppl_gwq:.3f} ({report['bits_per_weight']:.3f} bpw)  RTN {ppl_rtn:.3f}")
     assert report["quantized_layers"] == 210
     assert 4.4 < report["bits_per_weight"] < 4.7
-    assert ppl_gwq <= 1.25 * ppl_fp
+    # README: +9.97 % over FP on 64 x 2048 windows.  On these 8 x 512 windows: FP 30.15, GWQ 33.46
+    # (+11.0 %), RTN 40.13 (+33 %).
+    assert ppl_gwq <= 1.12 * ppl_fp
     assert ppl_gwq < ppl_rtn

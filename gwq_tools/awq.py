@@ -31,7 +31,7 @@ through quantized layers either; scaling alone does not change the fp function).
 
 Example:
     >>> import torch
-    >>> from gwq_compile.awq import search_scale
+    >>> from gwq_tools.awq import search_scale
     >>> x = torch.randn(256, 64) * torch.linspace(0.1, 4, 64); w = torch.randn(32, 64)
     >>> res = search_scale(x, [w], bits=3, group_size=32)
     >>> res.mse <= res.rtn_mse
@@ -48,7 +48,7 @@ from torch import nn
 
 from gwq_compile import packing
 
-__all__ = ["AWQSearchResult", "search_scale", "scales_for_alpha", "fake_quantize", "apply_awq_to_llama_layer"]
+__all__ = ["AWQSearchResult", "search_scale", "scales_for_alpha", "apply_awq_to_llama_layer"]
 
 BlockForward = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 
@@ -70,19 +70,6 @@ class AWQSearchResult:
     mse: float
     rtn_mse: float
     losses: tuple[float, ...]
-
-
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> torch.Tensor:
-    """RTN onto the GWQ grid and back, fp32 ``[N, K]`` (no packing: the search runs it many times).
-
-    Example:
-        >>> import torch
-        >>> fake_quantize(torch.randn(4, 64), bits=4, group_size=32).shape
-        torch.Size([4, 64])
-    """
-    scales, zeros = packing.compute_group_qparams(weight, None, bits, group_size, symmetric)
-    codes = packing.quantize_to_codes(weight, scales, zeros, bits, group_size)
-    return packing.dequantize_codes(codes, scales, zeros, group_size)
 
 
 def scales_for_alpha(x_mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -147,7 +134,7 @@ def search_scale(
     for step in range(n_grid):
         alpha = step / n_grid
         s = scales_for_alpha(x_mean_abs, alpha)
-        effective = [fake_quantize(w * s, bits, group_size, symmetric) / s for w in weights32]
+        effective = [packing.fake_quantize(w * s, bits, group_size, symmetric) / s for w in weights32]
         loss = (forward(effective) - reference).float().pow(2).mean().item()
         losses.append(loss)
         if loss < best[0]:
@@ -215,7 +202,7 @@ def apply_awq_to_llama_layer(
     Example:
         >>> import torch
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from gwq_compile.peers import capture_layer_inputs
+        >>> from gwq_tools.peers import capture_layer_inputs
         >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         ...                   num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
         >>> model = LlamaForCausalLM(cfg).eval()

@@ -12,7 +12,7 @@ the output head, which SmolLM2 ties to the embedding), the same set for every me
   and linears reading the same input (q/k/v, gate/up) are solved as one stacked weight
   (GPTQ is row-independent given H: same result, one column loop).
   ``sequential=False``: every Hessian from one pass through the full-precision model.
-* :func:`awq_quantize_model`: AWQ scale search and folding (:mod:`gwq_compile.awq`) on
+* :func:`awq_quantize_model`: AWQ scale search and folding (:mod:`gwq_tools.awq`) on
   full-precision layer inputs, then RTN of the scaled weights.
 * :func:`torchao_intx_quantize_model`: torchao's ``IntxWeightOnlyConfig`` (int2/3/4,
   ``PerGroup``), with ``IntxChooseQParamsAlgorithm.AFFINE`` or ``HQQ_SCALE_ONLY``.
@@ -23,7 +23,7 @@ the output head, which SmolLM2 ties to the embedding), the same set for every me
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from gwq_compile import peers
+    >>> from gwq_tools import peers
     >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
     ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     >>> model = peers.rtn_quantize_model(LlamaForCausalLM(cfg).eval(), bits=4, group_size=32)
@@ -40,7 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gwq_compile import awq, gptq, packing
+from gwq_compile import gptq, packing
+from gwq_tools import awq
+from gwq_compile.quantize import GWQConfig
+from gwq_compile.targets import target_modules
+from gwq_compile.report import layer_report
 from gwq_compile.tensor import GWQTensor
 
 __all__ = [
@@ -60,9 +64,9 @@ TORCHAO_ALGORITHMS = ("affine", "hqq_scale_only")
 
 
 def quantizable_linear_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` except the output head (the same set for every method)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    """Names of every ``nn.Linear`` except the output head (the same set for every method): GWQ's
+    own targeting rule (:func:`gwq_compile.targets.target_modules`) under the default config."""
+    return [name for name, _ in target_modules(model, GWQConfig(), quantized=True)]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -289,24 +293,12 @@ def gptq_quantize_model(
     for layer in decoder_layers(model):
         local = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         hessians: dict[str, torch.Tensor] = {}
-        last: list = [None, None]  # (input tensor, its gram): q/k/v and gate/up get the same tensor object
-
-        def make_hook(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                if args[0] is not last[0]:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    last[0], last[1] = args[0], x.T @ x
-                hessians[name] = hessians[name] + last[1] if name in hessians else last[1].clone()
-
-            return hook
-
-        handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in local]
+        handles = gptq.record_input_grams({n: layer.get_submodule(n) for n in local}, hessians)
         try:
             _run_layer(layer, states, kwargs)
         finally:
             for handle in handles:
                 handle.remove()
-            last[0] = last[1] = None
         _gptq_linears(dict(layer.named_modules()), hessians, opts)
         states = _run_layer(layer, states, kwargs)  # inputs of the next layer, through the quantized one
     # Linears outside the decoder layers (rare), from a pass through the now quantized model.
@@ -413,8 +405,8 @@ def _torchao_bits(weight: torch.Tensor) -> tuple[dict[str, int], int] | None:
 def bits_per_weight(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, float]:
     """Storage of the quantizable linears' weights: ``bits_per_weight`` and its components.
 
-    GWQ tensors count what :func:`packing.storage_bits` stores (including the CSR
-    indices of outliers); torchao Intx weights count codes at b bits plus their scale
+    GWQ tensors count what :func:`gwq_compile.report.layer_report` counts (the stored format,
+    CSR indices of outliers included); torchao Intx weights count codes at b bits plus their scale
     and zero-point dtypes (``stored_bits_per_weight`` also gives the int8 codes they
     actually keep in memory); any plain float weight counts its dtype's width.
 
@@ -435,8 +427,8 @@ def bits_per_weight(model: nn.Module, names: Sequence[str] | None = None) -> dic
     for name in names:
         w = model.get_submodule(name).weight
         n_weights += w.numel()
-        if isinstance(w, GWQTensor):
-            parts = w.storage_bits()
+        if isinstance(w, GWQTensor):  # the core report's accounting, by component
+            parts = {k: v * w.numel() for k, v in layer_report(w)["bits_breakdown"].items()}
             mem = sum(parts.values())
         else:
             ao = _torchao_bits(w)
