@@ -35,6 +35,11 @@ __all__ = ["available", "build_dir", "gemv_supported", "path_calls", "reason_una
 PATHS = ("gemv", "int4", "tile")
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_linear.cpp"
+#: -fopenmp: at::parallel_for is a header template that runs serially in a unit compiled without
+#: it (ATen's INTRA_OP_PARALLEL), and it marks its body a parallel region, so even the at::mm
+#: inside would run on one thread.  Linking it names libgomp.so.1, the runtime torch has loaded.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
@@ -43,7 +48,8 @@ def build_dir() -> Path:
     versions on one machine would otherwise rebuild one directory in turn, and a process
     could load the library another checkout's source just built."""
     root = os.environ.get("GWQ_EXTENSIONS_DIR") or Path.home() / ".cache" / "gwq_compile"
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".cpp", ".h"))).hexdigest()[:12]
+    sources = b"".join(f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".cpp", ".h"))
+    digest = hashlib.sha256(sources + repr((CFLAGS, LDFLAGS)).encode()).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}-{digest}"
     return Path(root) / tag
 
@@ -56,7 +62,10 @@ def _load() -> str | None:
 
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
-        load(name="gwq_cpu_linear", sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, build_directory=str(path))
+        load(
+            name="gwq_cpu_linear", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False,
+            build_directory=str(path),
+        )
         torch.library.register_fake("gwq_cpu::linear")(_fake_linear)
     except Exception as err:  # noqa: BLE001  (any build failure: reported once, below)
         return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"
