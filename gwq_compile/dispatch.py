@@ -152,8 +152,8 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
                 codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
                 if not torch.compiler.is_compiling():
                     check_input(x, codes, weight.shape[1])
-                    CALLS["cpu_int4"] += 1
-                    CALLS["cpu_int4_ext"] += 1
+                    count("cpu_int4")
+                    count("cpu_int4_ext")
                 return torch.ops.gwq_cpu.linear.default(
                     x, codes, grid, row_ptr, col_idx, values, bias, tile_group, weight.shape[1], pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
                     cpu_layout.GEMV_MAX_ROWS,

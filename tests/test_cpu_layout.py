@@ -160,13 +160,19 @@ def kernel_path_linear(x, p, bias, gemv_max_rows: int, path: str):
     """The compiled kernel on ``p`` with the given GEMV row limit; ``path`` must be the one that ran."""
     codes, grid = cpu_layout.pack(p)
     km = cpu_layout.k_map(p.in_features, p.group_size, p.bits)
+    with ran_only(path):
+        return torch.ops.gwq_cpu.linear.default(
+            x, codes, grid, *p[3:6], bias, km.tile_group, p.in_features, km.pad, km.gather, p.bits == 8, cpu_layout.TILE_MIN_ROWS, gemv_max_rows
+        )
+
+
+@contextlib.contextmanager
+def ran_only(path: str):
+    """The compiled kernel ran exactly once within, on ``path`` (``cpu_kernel.PATHS``)."""
     before = cpu_kernel.path_calls()
-    y = torch.ops.gwq_cpu.linear.default(
-        x, codes, grid, *p[3:6], bias, km.tile_group, p.in_features, km.pad, km.gather, p.bits == 8, cpu_layout.TILE_MIN_ROWS, gemv_max_rows
-    )
+    yield
     after = cpu_kernel.path_calls()
     assert {k: after[k] - before[k] for k in after} == {k: int(k == path) for k in after}, f"expected the {path} path"
-    return y
 
 
 @needs_gemv
@@ -203,10 +209,8 @@ def test_the_fast_path_takes_the_kernel_path_its_rows_ask_for(m: int, path: str)
         path = "int4"
     p = make_weight(70, 150, 4, 64, density=0.05, seed=m)
     x = torch.randn(m, 150)
-    before = cpu_kernel.path_calls()
-    y = fast_linear(x, p, None)
-    after = cpu_kernel.path_calls()
-    assert {k: after[k] - before[k] for k in after} == {k: int(k == path) for k in after}
+    with ran_only(path):
+        y = fast_linear(x, p, None)
     check_close(y, x, p, None)
 
 

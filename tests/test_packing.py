@@ -111,22 +111,29 @@ def test_outlier_out_of_fp16_range_is_rejected() -> None:
         packing.quantize_weight(w, mask, 4, 8)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    bits=st.sampled_from([2, 3, 4, 8]),
-    n=st.integers(1, 12),
-    k=st.integers(1, 150),
-    group_size=st.sampled_from([8, 32, 64, -1]),
-    symmetric=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_clip_search_never_worse_than_min_max(bits, n, k, group_size, symmetric, seed) -> None:
-    """Each search mode's own objective is at most plain min/max's, group by group summed:
-    unweighted squared error for "mse", importance-weighted for "act_mse"."""
+def grid_search_problems(test):
+    """Hypothesis over grids (bits, shape, group size, symmetry) for the range-search tests."""
+    return settings(max_examples=25, deadline=None)(
+        given(
+            bits=st.sampled_from([2, 3, 4, 8]), n=st.integers(1, 12), k=st.integers(1, 150),
+            group_size=st.sampled_from([8, 32, 64, -1]), symmetric=st.booleans(), seed=st.integers(0, 2**16),
+        )(test)
+    )  # fmt: skip
+
+
+def weights_outliers_importance(n: int, k: int, seed: int):
+    """Rows of different scales, 5 % outliers, heavy-tailed importance (like real activations)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
     mask = torch.rand(n, k, generator=gen) < 0.05
-    importance = torch.rand(k, generator=gen) ** 4  # heavy-tailed, like real activations
+    return w, mask, torch.rand(k, generator=gen) ** 4
+
+
+@grid_search_problems
+def test_clip_search_never_worse_than_min_max(bits, n, k, group_size, symmetric, seed) -> None:
+    """Each search mode's own objective is at most plain min/max's, group by group summed:
+    unweighted squared error for "mse", importance-weighted for "act_mse"."""
+    w, mask, importance = weights_outliers_importance(n, k, seed)
     plain = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric))
     for mode, weight in (("mse", torch.ones(k)), ("act_mse", importance)):
         p = packing.quantize_weight(w, mask, bits, group_size, symmetric, mode, importance=importance if mode == "act_mse" else None)
@@ -147,22 +154,11 @@ def test_clip_search_modes_and_errors() -> None:
         packing.quantize_weight(w, None, 4, 8, clip_search="act_mse", importance=torch.full((40,), float("nan")))
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    bits=st.sampled_from([2, 3, 4, 8]),
-    n=st.integers(1, 12),
-    k=st.integers(1, 150),
-    group_size=st.sampled_from([8, 32, 64, -1]),
-    symmetric=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@grid_search_problems
 def test_wls_refit_never_worse_than_its_search(bits, n, k, group_size, symmetric, seed) -> None:
     """"mse_wls"/"act_wls" start from the "mse"/"act_mse" grid and only take a refit that lowers a
     group's error: their objective is at most the search's, and outliers stay exact."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
-    mask = torch.rand(n, k, generator=gen) < 0.05
-    importance = torch.rand(k, generator=gen) ** 4
+    w, mask, importance = weights_outliers_importance(n, k, seed)
     for search, refit, weight in (("mse", "mse_wls", torch.ones(k)), ("act_mse", "act_wls", importance)):
         imp = importance if search == "act_mse" else None
         base = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric, search, importance=imp))

@@ -116,7 +116,7 @@ void tiled_linear(
   at::parallel_for(0, tiles * slices, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({columns, width}, xk.options());
     tile_t* __restrict__ w = tile.data_ptr<tile_t>();
-    alignas(64) float scale[kBlockN], zero[kBlockN], offset[kBlockN];
+    alignas(64) float scale[kBlockN], offset[kBlockN];  // w = q * scale + offset, offset = zero - 8 scale
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / slices, slice = item % slices;
       const int64_t m0 = m_rows * slice / slices, m1 = m_rows * (slice + 1) / slices, m_len = m1 - m0;
@@ -129,8 +129,7 @@ void tiled_linear(
             const at::BFloat16* sz = grid + ((k / tile_group) * padded_rows + b * kBlockN) * 2;
             for (int64_t n = 0; n < kBlockN; ++n) {
               scale[n] = static_cast<float>(sz[2 * n]);
-              zero[n] = static_cast<float>(sz[2 * n + 1]);
-              offset[n] = zero[n] - 8.f * scale[n];
+              offset[n] = static_cast<float>(sz[2 * n + 1]) - 8.f * scale[n];
             }
           }
           tile_t* __restrict__ wk = w + k * width + j * kBlockN;
