@@ -28,8 +28,8 @@ the outliers and the bias in the same pass that stores the output.  It has three
 this one operand, by the rows M of x (limits measured by ``benchmarks/cpu_kernels.py``):
 
 * M <= :data:`GEMV_MAX_ROWS` (decode), on CPUs with AVX512-BF16: its own GEMV
-  (``csrc/cpu_gemv_bf16.h``), bf16 x against the exact codes with fp32 accumulation, ~1.7x
-  torch's int4 GEMM at M = 1; the fp16 outliers added in fp32 with fp32 x;
+  (``csrc/cpu_gemv_bf16.h``), bf16 x against the exact codes with fp32 accumulation; the fp16
+  outliers added in fp32 with fp32 x;
 * other M below :data:`TILE_MIN_ROWS`: torch's int4 GEMM (bf16 x), outliers as above;
 * M >= :data:`TILE_MIN_ROWS` (prefill): up to 256 rows of the weight at a time are
   dequantized into a tile that stays in cache and multiplied by x with ``at::mm``, so the
