@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[dict | None, torch.dtype]] = {
     "gwq_w4_bf16": ({}, torch.bfloat16),
     "gwq_w4_head8": ({"head_bits": 8}, torch.float32),
     "gwq_w4_head8_bf16": ({"head_bits": 8}, torch.bfloat16),
+    # 4-bit head: g32 was the best 4-bit head on validation (benchmarks/results/head_selection_smollm2.md)
+    "gwq_w4_head4_bf16": ({"head_bits": 4, "head_group_size": 32}, torch.bfloat16),
     "gwq_w3": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.float32),
     "gwq_w3_bf16": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.bfloat16),
 }
@@ -62,6 +64,7 @@ LABELS = {
     "gwq_w4_bf16": "GWQ W4 g64 + 0.5% (default), model in bf16",
     "gwq_w4_head8": "GWQ default + 8-bit head, fp32 model",
     "gwq_w4_head8_bf16": "GWQ default + 8-bit head, model in bf16",
+    "gwq_w4_head4_bf16": "GWQ default + 4-bit g32 head, model in bf16",
     "gwq_w3": "GWQ W3 g64 + 1%, fp32 model",
     "gwq_w3_bf16": "GWQ W3 g64 + 1%, model in bf16",
 }
@@ -227,6 +230,13 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "–"
 
 
+GEMV_TEXT = {
+    "avx512_bf16": "AVX512-BF16 GEMV (`csrc/cpu_gemv_bf16.h`: x rounded to bf16, exact codes, fp32 accumulation)",
+    "avx2": "AVX2 fp32 GEMV (`csrc/cpu_gemv_avx2.h`: fp32 x, exact codes; this CPU has no AVX512-BF16)",
+    "": "GEMV: not available on this CPU, torch's int4 GEMM instead",
+}
+
+
 def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before) -> None:
     med = {n: statistics.median(v) for n, v in decode.items()}
     pre = {n: statistics.median(v) for n, v in prefill.items()}
@@ -242,11 +252,10 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_
         f"- Machine load (1/5/15-min load averages) at the start {', '.join(f'{v:.2f}' for v in load_before)}, at the end "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores: above ~0.5 other work shared the CPU)",
         "- GWQ on CPU (`gwq_compile/cpu_layout.py`, `csrc/cpu_linear.cpp`): codes in torch's int4 CPU GEMM layout; up to"
-        f" {cpu_layout.GEMV_MAX_ROWS} rows (decode) the kernel's AVX512-BF16 GEMV"
-        f" ({'runs on this CPU' if cpu_kernel.gemv_supported() else 'not available on this CPU: torch int4 GEMM instead'}),"
-        f" below {cpu_layout.TILE_MIN_ROWS} rows torch's int4 GEMM, both with x rounded to bf16, exact codes, fp32 accumulation"
-        f" and the fp16 outliers added in fp32; from {cpu_layout.TILE_MIN_ROWS} rows on (prefill) tiles of <= 256 weight rows"
-        f" dequantized in cache and multiplied with at::mm, in {'bf16 (outliers rounded into the tile)' if cpu_kernel.gemv_supported() else 'fp32'}",
+        f" {cpu_layout.GEMV_MAX_ROWS} rows (decode) the kernel's {GEMV_TEXT[cpu_kernel.gemv_isa()]},"
+        f" below {cpu_layout.TILE_MIN_ROWS} rows torch's int4 GEMM (x rounded to bf16, exact codes, fp32 accumulation),"
+        f" the fp16 outliers added in fp32; from {cpu_layout.TILE_MIN_ROWS} rows on (prefill) tiles of <= 256 weight rows"
+        f" dequantized in cache and multiplied with at::mm, in {'bf16 (outliers rounded into the tile)' if cpu_kernel.gemv_isa() == 'avx512_bf16' else 'fp32'}",
         "- The machine is a shared 2-core VM: where the load averages exceed ~1, other processes took CPU time during the run;"
         " the rounds are interleaved so that all variants share it, but the absolute figures and the spread suffer",
         "",

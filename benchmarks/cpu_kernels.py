@@ -7,8 +7,9 @@ on the grid and the outlier count, not on which weights they are), one interleav
 
 * ``fp32``: ``F.linear`` on the dense fp32 weight (the model GWQ replaces);
 * ``bf16``: ``F.linear`` on a bf16 weight with bf16 x;
-* ``gemv``: ``torch.ops.gwq_cpu.linear`` forced onto its AVX512-BF16 GEMV (``csrc/cpu_gemv_bf16.h``;
-  one pass over the weight per row of x; bf16 x, outliers fused);
+* ``gemv``: ``torch.ops.gwq_cpu.linear`` forced onto its decode GEMV: the AVX512-BF16 one
+  (``csrc/cpu_gemv_bf16.h``; bf16 x) or, on other AVX2 CPUs, the fp32 one (``csrc/cpu_gemv_avx2.h``;
+  every row of x against each block while it is in cache); outliers fused;
 * ``int4``: the same op forced onto torch's int4 GEMM (bf16 x, outliers fused);
 * ``tile``: the same op forced onto the dequantized-tile path (64-row fp32 tiles + at::mm).
 
@@ -17,7 +18,7 @@ load hits them alike.  Medians in microseconds, then the ratios that set
 ``cpu_layout.GEMV_MAX_ROWS`` (up to which M ``gemv`` beats ``int4``) and
 ``cpu_layout.TILE_MIN_ROWS`` (from which ``tile`` beats ``int4``).  The LM head shape
 (49152×576) is in the list because ``head_bits`` quantizes it.  Writes
-``benchmarks/results/cpu_kernels.md``.
+``benchmarks/results/cpu_kernels_<gemv isa>.md`` (the limits differ by CPU: one file per kind).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
 import statistics
 import sys
 import time
@@ -35,10 +37,17 @@ import torch.nn.functional as F
 
 from gwq_compile import cpu_kernel, cpu_layout, packing
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu_kernels.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 #: (out_features, in_features) of SmolLM2-135M's linears: q/o, k/v, gate/up, down.
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 NEVER, ALWAYS = 1 << 62, 1
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -80,18 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 512])
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/cpu_kernels_<gemv isa>.md")
     args = ap.parse_args(argv)
     if cpu_kernel.reason_unavailable() is not None:
         sys.exit(f"the compiled CPU kernel is unavailable: {cpu_kernel.reason_unavailable()}")
     if not cpu_kernel.gemv_supported():
-        sys.exit("this CPU has no AVX512-BF16: the kernel's GEMV does not run here")
+        sys.exit("this CPU has neither AVX512-BF16 nor AVX2: the kernel's GEMVs do not run here")
+    isa = cpu_kernel.gemv_isa()
+    out = args.out or RESULTS / f"cpu_kernels_{isa}.md"
     load = os.getloadavg()
     lines = [
         "# CPU kernels of the GWQ fast path, by M (W4 g64 + 0.5 % outliers)",
         "",
         f"- Command: `python benchmarks/cpu_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- Machine: {os.cpu_count()} cores, torch {torch.__version__}; date {datetime.datetime.now().isoformat(timespec='minutes')}",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, GEMV `{isa}`;"
+        f" date {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- Load averages at the start {', '.join(f'{v:.2f}' for v in load)} (2 cores: above ~0.5 other work shared the CPU)",
         "- Medians in µs of one round-robin run; `gemv`/`int4`/`tile` are `torch.ops.gwq_cpu.linear` forced onto each path",
         "",
@@ -117,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(lines[-1], flush=True)
         lines.append("")
     lines.append(f"Load averages at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "build_dir", "gemv_supported", "path_calls", "reason_unavailable"]
+__all__ = ["available", "build_dir", "gemv_isa", "gemv_supported", "path_calls", "reason_unavailable"]
 
 #: The compiled kernel's paths, in the order ``torch.ops.gwq_cpu.path_calls`` counts them.
 PATHS = ("gemv", "int4", "tile")
@@ -93,8 +93,15 @@ def available() -> bool:
 
 
 def gemv_supported() -> bool:
-    """Whether the kernel's AVX512-BF16 decode GEMV runs on this CPU (else decode uses torch's int4 GEMM)."""
+    """Whether one of the kernel's decode GEMVs runs on this CPU (else decode uses torch's int4 GEMM)."""
     return available() and bool(torch.ops.gwq_cpu.gemv_supported())
+
+
+@functools.cache
+def gemv_isa() -> str:
+    """Which decode GEMV runs here: ``"avx512_bf16"`` (bf16 x, ``csrc/cpu_gemv_bf16.h``), ``"avx2"``
+    (fp32 x, ``csrc/cpu_gemv_avx2.h``), or ``""`` (none: torch's int4 GEMM)."""
+    return str(torch.ops.gwq_cpu.gemv_isa()) if available() else ""
 
 
 def path_calls() -> dict[str, int]:

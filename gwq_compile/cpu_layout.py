@@ -27,9 +27,10 @@ the linear:
 the outliers and the bias in the same pass that stores the output.  It has three paths on
 this one operand, by the rows M of x (limits measured by ``benchmarks/cpu_kernels.py``):
 
-* M <= :data:`GEMV_MAX_ROWS` (decode), on CPUs with AVX512-BF16: its own GEMV
-  (``csrc/cpu_gemv_bf16.h``), bf16 x against the exact codes with fp32 accumulation; the fp16
-  outliers added in fp32 with fp32 x;
+* M <= :data:`GEMV_MAX_ROWS` (decode): its own GEMV, on CPUs with AVX512-BF16 the bf16 one
+  (``csrc/cpu_gemv_bf16.h``: bf16 x against the exact codes with fp32 accumulation), on other
+  AVX2 CPUs the fp32 one (``csrc/cpu_gemv_avx2.h``: fp32 x, exact codes); the fp16 outliers
+  added in fp32 with fp32 x;
 * other M below :data:`TILE_MIN_ROWS`: torch's int4 GEMM (bf16 x), outliers as above;
 * M >= :data:`TILE_MIN_ROWS` (prefill): up to 256 rows of the weight at a time are
   dequantized into a tile that stays in cache and multiplied by x with ``at::mm``, so the
@@ -82,12 +83,14 @@ BLOCK_N = 64
 TILE_GROUPS = (256, 128, 64, 32)
 COMPUTE_DTYPE = torch.bfloat16
 #: From this many rows of x on, the compiled kernel dequantizes the weight one 64-row block at
-#: a time into an fp32 tile and multiplies fp32 x by it with at::mm: there torch's int4 GEMM
-#: is slower than an fp32 sgemm on this project's CPUs (``benchmarks/cpu_kernels.py``).
+#: a time into a tile and multiplies x by it with at::mm: there torch's int4 GEMM is slower
+#: than a dense GEMM on this project's CPUs (``benchmarks/results/cpu_kernels_*.md``: at 32 rows
+#: the tile is 0.55-0.87x int4 on an AVX2 EPYC, mixed on an AVX512-BF16 one; faster on both from 64).
 TILE_MIN_ROWS = 32
-#: Up to this many rows of x (decode), on CPUs with AVX512-BF16, the compiled kernel runs its
-#: own GEMV over the same packing (``csrc/cpu_gemv_bf16.h``) instead of torch's int4 GEMM,
-#: which at one row is no faster than an fp32 sgemv (``benchmarks/cpu_kernels.py``).
+#: Up to this many rows of x (decode) the compiled kernel runs its own GEMV over the same
+#: packing instead of torch's int4 GEMM: the bf16 one (``csrc/cpu_gemv_bf16.h``) on CPUs with
+#: AVX512-BF16, else the fp32 one (``csrc/cpu_gemv_avx2.h``) on AVX2.  Both beat int4 at 1-2
+#: rows and are mixed from 4 (``benchmarks/results/cpu_kernels_*.md``).
 GEMV_MAX_ROWS = 2
 
 # torch warns once per process that CSR tensors are "in beta" when outlier_product builds

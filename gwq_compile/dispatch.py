@@ -136,28 +136,57 @@ def graph_op(weight) -> tuple[torch._ops.OpOverload, dict[str, torch.Tensor]]:
     return torch.ops.gwq.linear.default, dict(zip(ops.STORED_FIELDS, weight.stored_fields()))
 
 
+#: The attribute of a CPU-layout ``GWQTensor`` caching :func:`eager_kernel_args` (never pickled:
+#: ``GWQTensor.__getstate__`` drops it).
+EAGER_ARGS_ATTR = "_gwq_eager_kernel_args"
+
+
+def eager_kernel_args(weight) -> Optional[tuple]:
+    """The arguments of ``torch.ops.gwq_cpu.linear`` after ``x`` except the bias, split around
+    it (``args[:5]``, bias, ``args[5:]``), for a CPU-layout weight whose groups need no gather;
+    None otherwise.  Computed once per weight: at batch 1 the Python around the kernel call
+    costs as much as the GEMV itself, and this is most of it."""
+    cached = weight.__dict__.get(EAGER_ARGS_ATTR)
+    if cached is None:
+        in_features = weight._flat_shape[1]
+        ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
+        if ints is None:
+            cached = ()
+        else:
+            tile_group, pad, repeat_k = ints
+            codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
+            cached = (codes, grid, row_ptr, col_idx, values, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS, cpu_layout.GEMV_MAX_ROWS)
+        weight.__dict__[EAGER_ARGS_ATTR] = cached
+    return cached or None
+
+
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks."""
     choice = kernel_choice()
     chosen = path(x, weight, choice)
-    attributes = (weight.bits, weight.group_size, weight.shape[1])
+    # _flat_shape, not .shape: a subclass's .shape goes through __torch_function__ (~20 us a
+    # read on a slow CPU, three reads a call: more than the decode GEMV itself).
+    in_features = weight._flat_shape[1]
+    attributes = (weight.bits, weight.group_size, in_features)
     if chosen == "cpu_int4":
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if not needs_grad:
-            ints = cpu_layout.kernel_ints(weight.shape[1], weight.group_size, weight.bits)
-            if ints is not None and cpu_kernel(choice) == "ext":
-                # Compiled graphs call the compiled kernel itself (no Python at all per call), and
-                # eager inference calls it with the fewest Python hops (counted like cpu_layout.run).
-                tile_group, pad, repeat_k = ints
-                codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
-                if not torch.compiler.is_compiling():
-                    check_input(x, codes, weight.shape[1])
+        if not needs_grad and cpu_kernel(choice) == "ext":
+            if not torch.compiler.is_compiling():
+                args = eager_kernel_args(weight)
+                if args is not None:  # eager inference: the compiled kernel with the fewest Python hops
+                    check_input(x, args[0], in_features)
                     count("cpu_int4")
                     count("cpu_int4_ext")
-                return torch.ops.gwq_cpu.linear.default(
-                    x, codes, grid, row_ptr, col_idx, values, bias, tile_group, weight.shape[1], pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
-                    cpu_layout.GEMV_MAX_ROWS,
-                )
+                    return torch.ops.gwq_cpu.linear.default(x, *args[:5], bias, *args[5:])
+            else:
+                ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
+                if ints is not None:  # compiled graphs call the compiled kernel itself (no Python at all per call)
+                    tile_group, pad, repeat_k = ints
+                    codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
+                    return torch.ops.gwq_cpu.linear.default(
+                        x, codes, grid, row_ptr, col_idx, values, bias, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
+                        cpu_layout.GEMV_MAX_ROWS,
+                    )
         args = (*weight.cpu_fields(), bias, *attributes)
         if torch.compiler.is_compiling() or needs_grad:
             return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula

@@ -229,6 +229,7 @@ class GWQTensor(TorchAOBaseTensor):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state.pop(dispatch.EAGER_ARGS_ATTR, None)  # a cache of the eager kernel call, rebuilt on use
         if self.packed_codes is None:  # the CPU operand is capability-specific: save the stored codes
             state.update(packed_codes=self.stored_fields()[0], cpu_int4_codes=None, cpu_scales_zeros=None)
         return state

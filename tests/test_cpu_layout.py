@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,25 @@ def test_every_format(bits: int, group_size: int, m: int, kernel: str) -> None:
     check_close(fast_linear(x, p, bias, kernel), x, p, bias)
 
 
-needs_gemv = pytest.mark.skipif(not cpu_kernel.gemv_supported(), reason="this CPU has no AVX512-BF16: decode uses torch's int4 GEMM")
+needs_gemv = pytest.mark.skipif(not cpu_kernel.gemv_supported(), reason="this CPU has neither AVX512-BF16 nor AVX2: decode uses torch's int4 GEMM")
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo to know the CPU's features")
+def test_the_gemv_for_this_cpu_is_the_one_that_runs() -> None:
+    """The bf16 GEMV where the CPU has AVX512-BF16, the fp32 one on other AVX2 CPUs: a CPU
+    class must never silently lose its decode GEMV to torch's int4 GEMM."""
+    flags = cpu_flags()
+    expected = "avx512_bf16" if {"avx512f", "avx512bw", "avx512_bf16", "f16c"} <= flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else ""
+    assert cpu_kernel.gemv_isa() == expected
+    if expected:  # and a decode row takes it
+        p = make_weight(70, 150, 4, 64, density=0.05, seed=0)
+        x = torch.randn(1, 150)
+        check_close(kernel_path_linear(x, p, None, 1, "gemv"), x, p, None)
 
 
 def kernel_path_linear(x, p, bias, gemv_max_rows: int, path: str):
@@ -179,7 +198,7 @@ def ran_only(path: str):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=problems())
 def test_decode_gemv_matches_reference(c: dict) -> None:
-    """The AVX512-BF16 GEMV (csrc/cpu_gemv_bf16.h) on 1-4 rows of x, over the same random
+    """This CPU's GEMV (csrc/cpu_gemv_bf16.h or csrc/cpu_gemv_avx2.h) on 1-4 rows of x, over the same random
     formats, outlier layouts and dtypes as the rest of the fast path."""
     p = make_weight(c["n"], c["k"], c["bits"], c["group_size"], c["density"], c["seed"], c["empty_rows"], c["dense_col"])
     gen = torch.Generator().manual_seed(c["seed"] + 1)
@@ -271,6 +290,24 @@ def test_cpu_weights_take_the_fast_path_and_it_is_counted(monkeypatch) -> None:
     y_ref = lin(x)
     assert dispatch.CALLS["cpu_int4"] == before + 1  # the reference did not run the fast path
     torch.testing.assert_close(y_ref, x @ lin.weight.dequantize().T + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cached_eager_call_is_never_saved_and_is_rebuilt() -> None:
+    """dispatch.eager_kernel_args caches the kernel call on the weight: a checkpoint must not
+    carry it, and a loaded weight builds its own and gives the same output."""
+    lin = _qlinear()
+    x = torch.randn(1, 160)
+    with torch.no_grad():
+        y = lin(x)
+    assert dispatch.EAGER_ARGS_ATTR in lin.weight.__dict__
+    buffer = io.BytesIO()
+    torch.save({"weight": lin.weight}, buffer)  # the object itself (a state_dict holds detached copies)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["weight"]
+    assert dispatch.EAGER_ARGS_ATTR not in loaded.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(F.linear(x, loaded, lin.bias), y, rtol=0, atol=0)
+    assert dispatch.EAGER_ARGS_ATTR in loaded.__dict__
 
 
 def _kernel_events(fn) -> dict[str, int]:

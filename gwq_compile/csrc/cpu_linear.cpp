@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_gemv_avx2.h"
 #include "cpu_gemv_bf16.h"
 
 #include <algorithm>
@@ -49,6 +50,14 @@ struct NibbleMap {
   // torch's AVX-512 order: the 64 codes of column k are the 32 bytes at k * 32, low nibbles
   // rows 0-31, high nibbles rows 32-63; then the tile loop unpacks without a gather.
   bool split_halves = false;
+  // torch's AVX2 order: two 32-row sub-blocks, each 16 bytes per column (row b low nibble,
+  // row b + 16 high), one after the other.
+  bool avx2_halves = false;
+  // How cpu_gemv_avx2.h reads this order, when it is one of the two.
+  bool chunked() const { return split_halves || avx2_halves; }
+  gwq_gemv_avx2::Chunks chunks(int64_t columns) const {
+    return split_halves ? gwq_gemv_avx2::Chunks::avx512_order() : gwq_gemv_avx2::Chunks::avx2_order(columns);
+  }
 };
 
 const NibbleMap& nibble_map(int64_t columns) {
@@ -73,12 +82,13 @@ const NibbleMap& nibble_map(int64_t columns) {
   at::Tensor by_k = position.view({kBlockN, columns}).t().contiguous();  // [columns, kBlockN]
   const int64_t* pos = by_k.const_data_ptr<int64_t>();
   NibbleMap map{std::vector<int32_t>(count), std::vector<uint8_t>(count)};
-  map.split_halves = true;
+  map.split_halves = map.avx2_halves = true;
   for (int64_t i = 0; i < count; ++i) {
     map.byte[i] = static_cast<int32_t>(pos[i] / 2);
     map.shift[i] = static_cast<uint8_t>((pos[i] % 2) * 4);
     const int64_t k = i / kBlockN, n = i % kBlockN;
     map.split_halves = map.split_halves && map.byte[i] == k * (kBlockN / 2) + n % (kBlockN / 2) && map.shift[i] == 4 * (n / (kBlockN / 2));
+    map.avx2_halves = map.avx2_halves && map.byte[i] == (n / 32) * 16 * columns + k * 16 + n % 16 && map.shift[i] == 4 * ((n % 32) / 16);
   }
   return cache.emplace(columns, std::move(map)).first->second;
 }
@@ -106,6 +116,8 @@ void tiled_linear(
   const int64_t m_rows = xk.size(0), columns = xk.size(1);
   const NibbleMap& map = nibble_map(columns);
   const bool vector_dequant = kBf16 && map.split_halves;
+  const bool vector_dequant_f32 = !kBf16 && map.chunked() && gwq_gemv_avx2::supported();
+  const gwq_gemv_avx2::Chunks chunks = map.chunks(columns);
   const int64_t blocks = (n_cols + kBlockN - 1) / kBlockN;
   const int64_t tiles_wanted = (blocks + kTileBlocks - 1) / kTileBlocks;
   const int64_t tile_blocks = (blocks + tiles_wanted - 1) / tiles_wanted;
@@ -135,6 +147,8 @@ void tiled_linear(
           tile_t* __restrict__ wk = w + k * width + j * kBlockN;
           if (vector_dequant) {
             gwq_gemv::dequant_column_bf16(block + k * (kBlockN / 2), scale, offset, reinterpret_cast<uint16_t*>(wk));
+          } else if (vector_dequant_f32) {
+            if constexpr (!kBf16) gwq_gemv_avx2::dequant_column_f32(block, chunks, k, scale, offset, wk);
           } else if (map.split_halves) {
             const uint8_t* __restrict__ bytes = block + k * (kBlockN / 2);
             constexpr int64_t half = kBlockN / 2;
@@ -262,6 +276,41 @@ void gemv_linear(
   }
 }
 
+// out = x' @ W.T + outliers + bias for a few rows of x on CPUs without AVX512-BF16, by the fp32
+// GEMV of cpu_gemv_avx2.h (x' fp32 here): every 64-row block of W in parallel, each block
+// multiplied by all rows of x while it is in cache, then its outliers and bias fused into the store.
+template <typename index_t, typename out_t>
+void gemv_linear_avx2(
+    const at::Tensor& xk, const at::Tensor& x32, const uint8_t* __restrict__ codes, const uint16_t* __restrict__ grid,
+    int64_t padded_rows, int64_t tile_group, const gwq_gemv_avx2::Chunks& chunks, const int32_t* __restrict__ row_ptr,
+    const index_t* __restrict__ col, const at::Half* __restrict__ val, const float* __restrict__ bias, out_t* __restrict__ out, int64_t n_cols) {
+  const int64_t m_rows = xk.size(0), columns = xk.size(1), in_features = x32.size(1);
+  const int64_t blocks = (n_cols + gwq_gemv_avx2::kRows - 1) / gwq_gemv_avx2::kRows, groups = columns / tile_group;
+  const float* __restrict__ xp = xk.const_data_ptr<float>();
+  std::vector<float> sums(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m) gwq_gemv_avx2::group_sums(xp + m * columns, columns, tile_group, sums.data() + m * groups);
+  // As in gemv_linear: threads only from ~128 K multiply-adds per task.
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / (gwq_gemv_avx2::kRows * columns * m_rows));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    alignas(32) float y[gwq_gemv_avx2::kRows];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * gwq_gemv_avx2::kRows, rows = std::min<int64_t>(gwq_gemv_avx2::kRows, n_cols - n0);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        gwq_gemv_avx2::block_dot(
+            codes + b * gwq_gemv_avx2::kRows * columns / 2, chunks, grid + b * gwq_gemv_avx2::kRows * 2, padded_rows * 2, xp + m * columns,
+            sums.data() + m * groups, columns, tile_group, y);
+        const float* __restrict__ xm = x32.const_data_ptr<float>() + m * in_features;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = n0 + r;
+          float acc = y[r] + (bias ? bias[n] : 0.f);
+          for (int32_t j = row_ptr[n]; j < row_ptr[n + 1]; ++j) acc += static_cast<float>(val[j]) * xm[col[j]];
+          out[m * n_cols + n] = static_cast<out_t>(acc);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor linear(
     const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros, const at::Tensor& row_ptr,
     const at::Tensor& col_idx, const at::Tensor& values, const std::optional<at::Tensor>& bias,
@@ -283,8 +332,13 @@ at::Tensor linear(
   at::Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const bool tiled = m_rows >= tile_min_rows;
   const bool bf16_tiles = tiled && gwq_gemv::supported();
-  // x' (module comment): bf16 for torch's int4 GEMM, the GEMV and bf16 tiles; fp32 for fp32 tiles.
-  at::Tensor xk = x2.to(tiled && !bf16_tiles ? at::kFloat : at::kBFloat16);
+  const bool gemv_bf16 = !tiled && m_rows <= gemv_max_rows && gwq_gemv::supported() && tile_group % 4 == 0;
+  const int64_t columns = codes.size(1) * 2;
+  const bool gemv_f32 = !tiled && !gemv_bf16 && m_rows <= gemv_max_rows && !gwq_gemv::supported() && gwq_gemv_avx2::supported() &&
+      nibble_map(columns).chunked();
+  // x' (module comment): bf16 for torch's int4 GEMM, the bf16 GEMV and bf16 tiles; fp32 for the
+  // fp32 GEMV and fp32 tiles.
+  at::Tensor xk = x2.to((tiled && !bf16_tiles) || gemv_f32 ? at::kFloat : at::kBFloat16);
   if (gather.has_value()) {
     xk = at::constant_pad_nd(xk, {0, 1}).index_select(1, *gather);  // padded kernel columns read the appended zero
   } else if (pad > 0) {
@@ -324,7 +378,24 @@ at::Tensor linear(
     return out;
   }
 
-  if (m_rows <= gemv_max_rows && gwq_gemv::supported() && tile_group % 4 == 0) {
+  if (gemv_f32) {
+    path_calls[kGemv].fetch_add(1, std::memory_order_relaxed);
+    // The outliers read x by input feature: x' itself unless it was padded, gathered or repeated.
+    at::Tensor x32 = (pad == 0 && !gather.has_value() && !repeat_k) ? xk : x2.to(at::kFloat).contiguous();
+    const gwq_gemv_avx2::Chunks chunks = nibble_map(columns).chunks(columns);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_gemv_avx2", [&] {
+      auto run = [&](auto* col) {
+        gemv_linear_avx2(
+            xk, x32, codes.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales_zeros.const_data_ptr<at::BFloat16>()),
+            codes.size(0), tile_group, chunks, row_ptr_c.const_data_ptr<int32_t>(), col, val_c.const_data_ptr<at::Half>(),
+            b.defined() ? b.const_data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), n_cols);
+      };
+      with_column_index(col_c, run);
+    });
+    return out;
+  }
+
+  if (gemv_bf16) {
     path_calls[kGemv].fetch_add(1, std::memory_order_relaxed);
     at::Tensor x32 = x2.to(at::kFloat).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_gemv", [&] {
@@ -360,14 +431,17 @@ TORCH_LIBRARY(gwq_cpu, m) {
       "linear(Tensor x, Tensor codes, Tensor scales_zeros, Tensor row_ptr, Tensor col_idx, Tensor values, Tensor? bias, "
       "int tile_group, int in_features, int pad, Tensor? gather, bool repeat_k, int tile_min_rows, int gemv_max_rows) -> Tensor");
   m.def("gemv_supported() -> bool");
+  m.def("gemv_isa() -> str");
   m.def("path_calls() -> int[]");
 }
 
 TORCH_LIBRARY_IMPL(gwq_cpu, CPU, m) { m.impl("linear", &linear); }
 
-// Whether this CPU runs the AVX512-BF16 decode GEMV (else decode uses torch's int4 GEMM).
+// Whether this CPU runs a decode GEMV (else decode uses torch's int4 GEMM), and which one:
+// AVX512-BF16 (cpu_gemv_bf16.h) or AVX2 + FMA (cpu_gemv_avx2.h).
 TORCH_LIBRARY_IMPL(gwq_cpu, CompositeExplicitAutograd, m) {
-  m.impl("gemv_supported", [] { return gwq_gemv::supported(); });
+  m.impl("gemv_supported", [] { return gwq_gemv::supported() || gwq_gemv_avx2::supported(); });
+  m.impl("gemv_isa", [] { return std::string(gwq_gemv::supported() ? "avx512_bf16" : gwq_gemv_avx2::supported() ? "avx2" : ""); });
   m.impl("path_calls", [] {
     return std::vector<int64_t>{path_calls[kGemv].load(), path_calls[kInt4].load(), path_calls[kTile].load()};
   });
