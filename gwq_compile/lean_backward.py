@@ -31,8 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# One chunk's logits: at most this many fp32 elements (32 MB), e.g. 170 tokens of SmolLM2's 49152-id vocabulary.
-CHUNK_LOGIT_ELEMENTS = 1 << 23
+# One chunk's logits: at most this many fp32 elements (8 MB), e.g. 42 tokens of SmolLM2's 49152-id
+# vocabulary.  The chunk's logits, log-softmax and gradient are alive together while every
+# checkpointed layer input is (at the end of the forward pass), and from the second sample on
+# the saliency sums are too: 32 MB chunks put SmolLM2's 2-sample peak 85 MB higher, at the same
+# speed (benchmarks/results/calibration_memory_probe.md).
+CHUNK_LOGIT_ELEMENTS = 1 << 21
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 _paused = 0
