@@ -49,24 +49,21 @@ def main() -> None:
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
-    batch_loss = calibration._batch_loss
 
-    def marked_loss(*a, **k):
-        marks.append((time.perf_counter() - t0, "forward + loss"))
-        loss = batch_loss(*a, **k)
-        marks.append((time.perf_counter() - t0, "backward"))
-        return loss
+    def marked(module, name: str, before: str, after: str) -> None:
+        """Mark ``before`` when ``module.name`` is called and ``after`` when it returns."""
+        inner = getattr(module, name)
 
-    calibration._batch_loss = marked_loss
-    rank = quantize.rank_model_outliers
+        def wrapper(*a, **k):
+            marks.append((time.perf_counter() - t0, before))
+            out = inner(*a, **k)
+            marks.append((time.perf_counter() - t0, after))
+            return out
 
-    def marked_rank(*a, **k):
-        marks.append((time.perf_counter() - t0, "ranking"))
-        out = rank(*a, **k)
-        marks.append((time.perf_counter() - t0, "packing"))
-        return out
+        setattr(module, name, wrapper)
 
-    quantize.rank_model_outliers = marked_rank
+    marked(calibration, "_batch_loss", "forward + loss", "backward")
+    marked(quantize, "rank_model_outliers", "ranking", "packing")
     result = cm.child_quantize(args.work, args.samples, None)
     done.set()
     stages, start = [], (0.0, "load")

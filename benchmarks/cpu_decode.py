@@ -30,7 +30,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,9 @@ from gwq_compile import GWQConfig, calibration_tokens, cpu_kernel, cpu_layout, d
 from gwq_compile.data import tokenize, wikitext2_text
 from gwq_compile.eval import perplexity
 from gwq_compile.models import load_causal_lm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_kernels import cpu_name  # noqa: E402  (the benchmarks' one CPU-name helper)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_decode_smollm2"
 #: name -> GWQConfig overrides (None: not quantized) and the dtype the model runs in.
@@ -89,16 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode speed is measured between 1 and T new tokens)")
     return args
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(fp: torch.nn.Module, tokenizer, name: str, quantized: dict[str, torch.nn.Module]) -> torch.nn.Module:

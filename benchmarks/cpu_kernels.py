@@ -43,11 +43,15 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 NEVER, ALWAYS = 1 << 62, 1
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the results' machine line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def timed(fns: dict, repeats: int) -> dict[str, float]:
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         "# CPU kernels of the GWQ fast path, by M (W4 g64 + 0.5 % outliers)",
         "",
         f"- Command: `python benchmarks/cpu_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, GEMV `{isa}`;"
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, GEMV `{isa}`;"
         f" date {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- Load averages at the start {', '.join(f'{v:.2f}' for v in load)} (2 cores: above ~0.5 other work shared the CPU)",
         "- Medians in µs of one round-robin run; `gemv`/`int4`/`tile` are `torch.ops.gwq_cpu.linear` forced onto each path",

@@ -141,22 +141,25 @@ def graph_op(weight) -> tuple[torch._ops.OpOverload, dict[str, torch.Tensor]]:
 EAGER_ARGS_ATTR = "_gwq_eager_kernel_args"
 
 
-def eager_kernel_args(weight) -> Optional[tuple]:
+def kernel_args(weight) -> Optional[tuple]:
     """The arguments of ``torch.ops.gwq_cpu.linear`` after ``x`` except the bias, split around
     it (``args[:5]``, bias, ``args[5:]``), for a CPU-layout weight whose groups need no gather;
-    None otherwise.  Computed once per weight: at batch 1 the Python around the kernel call
-    costs as much as the GEMV itself, and this is most of it."""
+    None otherwise (plain integer arithmetic on the weight's attributes: torch.compile folds it)."""
+    in_features = weight._flat_shape[1]
+    ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
+    if ints is None:
+        return None
+    tile_group, pad, repeat_k = ints
+    codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
+    return (codes, grid, row_ptr, col_idx, values, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS, cpu_layout.GEMV_MAX_ROWS)
+
+
+def eager_kernel_args(weight) -> Optional[tuple]:
+    """:func:`kernel_args`, computed once per weight: at batch 1 the Python around the kernel
+    call costs as much as the GEMV itself, and this is most of it."""
     cached = weight.__dict__.get(EAGER_ARGS_ATTR)
     if cached is None:
-        in_features = weight._flat_shape[1]
-        ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
-        if ints is None:
-            cached = ()
-        else:
-            tile_group, pad, repeat_k = ints
-            codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
-            cached = (codes, grid, row_ptr, col_idx, values, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS, cpu_layout.GEMV_MAX_ROWS)
-        weight.__dict__[EAGER_ARGS_ATTR] = cached
+        cached = weight.__dict__[EAGER_ARGS_ATTR] = kernel_args(weight) or ()
     return cached or None
 
 
@@ -179,14 +182,9 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
                     count("cpu_int4_ext")
                     return torch.ops.gwq_cpu.linear.default(x, *args[:5], bias, *args[5:])
             else:
-                ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
-                if ints is not None:  # compiled graphs call the compiled kernel itself (no Python at all per call)
-                    tile_group, pad, repeat_k = ints
-                    codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
-                    return torch.ops.gwq_cpu.linear.default(
-                        x, codes, grid, row_ptr, col_idx, values, bias, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS,
-                        cpu_layout.GEMV_MAX_ROWS,
-                    )
+                args = kernel_args(weight)
+                if args is not None:  # compiled graphs call the compiled kernel itself (no Python at all per call)
+                    return torch.ops.gwq_cpu.linear.default(x, *args[:5], bias, *args[5:])
         args = (*weight.cpu_fields(), bias, *attributes)
         if torch.compiler.is_compiling() or needs_grad:
             return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula

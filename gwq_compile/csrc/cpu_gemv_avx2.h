@@ -17,7 +17,7 @@
 // rows, so 8 FMA chains run at once).  Each group applies its grid once:
 //     sum_k w x = scale * (D - 8 X) + zero * X,   D = sum_k q x,   X = sum_k x.
 // x is fp32 (not rounded to bf16 as for torch's kernel), so this path is exact up to fp32
-// rounding.  Up to kMaxRows rows of x are multiplied with a block while it is in cache.
+// rounding.  The caller multiplies every row of x with a block while it is in cache.
 
 #pragma once
 
@@ -47,6 +47,9 @@ struct Chunks {
 
   static Chunks avx2_order(int64_t columns) { return {{0, 16 * columns}, 16, {0, 32}, {16, 48}}; }
   static Chunks avx512_order() { return {{0, 16}, 32, {0, 16}, {32, 48}}; }
+
+  // First row of block_dot's 8-lane vector j (0, 1: low nibbles; 2, 3: high) of chunk c.
+  int row(int c, int j) const { return (j < 2 ? r_low[c] : r_high[c]) + 8 * (j % 2); }
 };
 
 // The sum of x over each tile group (X above).
@@ -91,7 +94,7 @@ inline void block_dot(
     const __m256 x_sum = _mm256_set1_ps(sums[g]), offset = _mm256_set1_ps(8.f * sums[g]);
     for (int c = 0; c < 2; ++c) {
       for (int j = 0; j < 4; ++j) {
-        const int row = (j < 2 ? chunks.r_low[c] : chunks.r_high[c]) + 8 * (j % 2);
+        const int row = chunks.row(c, j);
         const __m256i pair = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + 2 * row));  // 8 (scale, zero) bf16 pairs
         const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
         const __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, high_half));
@@ -101,7 +104,7 @@ inline void block_dot(
   }
   for (int c = 0; c < 2; ++c) {
     for (int j = 0; j < 4; ++j) {
-      const int row = (j < 2 ? chunks.r_low[c] : chunks.r_high[c]) + 8 * (j % 2);
+      const int row = chunks.row(c, j);
       _mm256_storeu_ps(y + row, out[c][j]);
     }
   }

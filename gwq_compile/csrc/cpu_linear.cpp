@@ -334,7 +334,7 @@ at::Tensor linear(
   const bool bf16_tiles = tiled && gwq_gemv::supported();
   const bool gemv_bf16 = !tiled && m_rows <= gemv_max_rows && gwq_gemv::supported() && tile_group % 4 == 0;
   const int64_t columns = codes.size(1) * 2;
-  const bool gemv_f32 = !tiled && !gemv_bf16 && m_rows <= gemv_max_rows && !gwq_gemv::supported() && gwq_gemv_avx2::supported() &&
+  const bool gemv_f32 = !tiled && m_rows <= gemv_max_rows && !gwq_gemv::supported() && gwq_gemv_avx2::supported() &&
       nibble_map(columns).chunked();
   // x' (module comment): bf16 for torch's int4 GEMM, the bf16 GEMV and bf16 tiles; fp32 for the
   // fp32 GEMV and fp32 tiles.
@@ -382,7 +382,7 @@ at::Tensor linear(
     path_calls[kGemv].fetch_add(1, std::memory_order_relaxed);
     // The outliers read x by input feature: x' itself unless it was padded, gathered or repeated.
     at::Tensor x32 = (pad == 0 && !gather.has_value() && !repeat_k) ? xk : x2.to(at::kFloat).contiguous();
-    const gwq_gemv_avx2::Chunks chunks = nibble_map(columns).chunks(columns);
+    const gwq_gemv_avx2::Chunks chunks = nibble_map(columns).chunks(columns);  // cached: looked up under a lock, no rebuild
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "gwq_cpu_linear_gemv_avx2", [&] {
       auto run = [&](auto* col) {
         gemv_linear_avx2(
