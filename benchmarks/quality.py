@@ -80,9 +80,12 @@ GWQ_VARIANTS = {
     "gwq_err": ("grad_error", "gwq", "layer", "none"),
     "gwq_err_model": ("grad_error", "gwq", "model", "none"),
     "gwq_wls": ("grad_error", "gwq", "model", "none"),
+    "gwq_dq": ("grad_error", "gwq", "model", "none"),
 }
+#: GWQ variants whose grids are double-quantized (``GWQConfig.double_quant``: 8-bit scale codes, zeros at the code width).
+GWQ_DOUBLE_QUANT = ("gwq_dq",)
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
-GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls"}
+GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls", "gwq_dq": "act_mse"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 #: The variant whose selection is the default GWQConfig's (drawn in black).
 DEFAULT_METHOD = "gwq_err_model"
@@ -284,7 +287,7 @@ class Bench:
             bits=row.bits, group_size=row.group_size, outlier_ratio=row.ratio, saliency=saliency,
             outlier_scope=scope, compensation=compensation, damp=s.damp, progress=False,
             clip_search=GWQ_CLIP.get(row.method, False),  # plain min/max unless the variant searches: rtn/awq's grid
-            bits_budget=row.bits_budget,
+            bits_budget=row.bits_budget, double_quant=row.method in GWQ_DOUBLE_QUANT,
         )  # fmt: skip
         quantize_(model, config, calibration_data=self.calibration(n, s.calib_seqlen))
         report = quantization_report(model)

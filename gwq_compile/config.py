@@ -96,6 +96,13 @@ class GWQConfig(AOBaseConfig):
             shares the one quantized weight (lookups dequantize only the rows they read).
             Its outliers come from the same saliency and ranking as every other layer's.
         head_group_size: the head's group size (-1: per output channel).
+        double_quant: store each group's scale as an 8-bit code under one power-of-two
+            exponent per output row (``scale = code * 2**e``) and each zero point in ``bits``
+            bits: ``8 + bits`` bits a group instead of fp16 + uint8's 24, so groups of 32 cost
+            what groups of 64 cost without it (bitsandbytes' ``bnb_4bit_use_double_quant``, the
+            k-quants' idea).  The range search rounds its candidates onto that grid.  In memory the
+            grid is decoded to fp16 scales once, so every kernel runs unchanged.  Not with
+            GPTQ ``compensation`` (it picks its own scales).
         bits_budget: ``None`` gives every layer ``bits``.  A number gives layers mixed code
             widths from :func:`mixed_bits_choices` (``bits`` and its neighbours among 2, 3, 4; 8 too for ``bits=4``),
             chosen by the gradient saliency so that the mean code width over the quantized
@@ -130,6 +137,7 @@ class GWQConfig(AOBaseConfig):
     # benchmarks/results/head_selection_smollm2.md.
     head_bits: Optional[int] = None
     head_group_size: int = 128
+    double_quant: bool = False
     bits_budget: Optional[float] = None
     step: Optional[str] = None
     progress: bool = field(default=True, compare=False)  # a display flag: no part of what two configs quantize alike
@@ -164,6 +172,10 @@ class GWQConfig(AOBaseConfig):
             if self.saliency == "hessian":
                 raise ValueError("GWQConfig.bits_budget chooses widths from the gradient saliency; saliency='hessian' has none")
             self.bits_budget = float(self.bits_budget)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"GWQConfig.double_quant must be True or False, got {self.double_quant!r}")
+        if self.double_quant and self.compensation != "none":
+            raise ValueError(f"GWQConfig.double_quant needs compensation='none': GPTQ compensation ({self.compensation!r}) chooses its own fp16 scales")
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.skip_modules, str):

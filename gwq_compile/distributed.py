@@ -195,7 +195,7 @@ def merge_rows(pieces: list[tuple]) -> packing.PackedWeight:
     return packing.PackedWeight(
         torch.cat([f.packed_codes for f in fields]), torch.cat([f.group_scales for f in fields]), torch.cat([f.group_zeros for f in fields]),
         torch.cat(row_ptr).to(first.outlier_row_ptr.dtype), torch.cat([f.outlier_col_idx for f in fields]),
-        torch.cat([f.outlier_values for f in fields]), first.bits, first.group_size, first.in_features,
+        torch.cat([f.outlier_values for f in fields]), first.bits, first.group_size, first.in_features, first.double_quant,
     )  # fmt: skip
 
 

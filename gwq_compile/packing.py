@@ -21,6 +21,14 @@ A linear weight ``W`` of shape ``[N, K]`` (``out_features, in_features``) is sto
   fp16 ``[nnz]``.  At an outlier position the stored code equals the group's zero point,
   so the dense part dequantizes to exactly 0 there and ``W = dequant(codes) + scatter(outliers)``
   holds without masking: kernels add the outliers' contribution, they never subtract.
+* ``double_quant`` (bitsandbytes' name for the idea; k-quants do the same with 6-bit scales):
+  every group scale of a row is ``code * 2**e`` with an 8-bit ``code`` in [1, 255] and one
+  exponent ``e`` per row, and every zero needs only ``bits`` bits.  A checkpoint then
+  stores the scales as uint8 ``[N, 1 + G]`` (the row's exponent, then its codes) and the
+  zeros packed at ``bits`` bits (:func:`encode_grid`), ``8 + bits`` bits a group instead of 24, so groups
+  of 32 cost what groups of 64 cost in fp16.  In memory the grid is decoded back to the
+  fp16 scales and uint8 zeros above (exactly: ``code * 2**e`` is an fp16 value), which is
+  what every kernel reads; the runtime copy is counted as resident bytes.
 
 The grid always contains 0 (``min(w_min, 0)``, ``max(w_max, 0)`` as GPTQ does), which is
 what makes the zero-code trick above exact.  Outlier entries are left out of each
@@ -69,6 +77,7 @@ class PackedWeight(NamedTuple):
     bits: int
     group_size: int
     in_features: int
+    double_quant: bool = False  # scales on a per-row 8-bit power-of-two grid (module doc)
 
 
 def check_bits(bits: int) -> None:
@@ -173,15 +182,47 @@ def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
 CLIP_SEARCH_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 ... 0.7
 
 
-def _grid_from_range(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 scale and (integer-valued) zero point of the grid spanning [wmin, wmax] (0 included)."""
+#: Width of a double-quantized scale's code (``double_quant``): ``scale = code * 2**e``, code in [1, 255].
+SCALE_CODE_BITS = 8
+_SCALE_CODE_MAX = (1 << SCALE_CODE_BITS) - 1
+# Row exponents keep code * 2**e an exact fp16 value: 2**-24 is fp16's smallest subnormal,
+# and 255 * 2**8 is below fp16's largest finite value.
+_SCALE_EXP_MIN, _SCALE_EXP_MAX = -24, 8
+
+
+def scale_exponents(scale_bound: torch.Tensor) -> torch.Tensor:
+    """Per-row exponent ``e`` (int32 ``[N]``) of a double-quantized grid: the smallest with
+    ``max(scale_bound) <= 255 * 2**e``, so the row's largest scale gets a code of 128-255."""
+    top = scale_bound.float().amax(-1).clamp(min=_MIN_SCALE) / _SCALE_CODE_MAX
+    mantissa, exponent = torch.frexp(top)  # top = mantissa * 2**exponent, mantissa in [0.5, 1): exact, unlike ceil(log2)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return exponent.clamp(_SCALE_EXP_MIN, _SCALE_EXP_MAX).to(torch.int32)
+
+
+def snap_scales(scale: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """fp32 ``scale`` ``[N, G]`` rounded onto its row's grid ``code * 2**e`` (code in [1, 255])."""
+    step = torch.exp2(exponents.float()).unsqueeze(-1)
+    return torch.round(scale / step).clamp(1, _SCALE_CODE_MAX) * step
+
+
+def _store_scale(scale: torch.Tensor, exponents: torch.Tensor | None) -> torch.Tensor:
+    """The value a scale is stored as (fp32): fp16, or the double-quantized grid when ``exponents`` are given."""
+    scale = scale.clamp(min=_MIN_SCALE)
+    return scale.to(SCALE_DTYPE).float() if exponents is None else snap_scales(scale, exponents)
+
+
+def _grid_from_range(
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, exponents: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scale and (integer-valued) zero point of the grid spanning [wmin, wmax] (0 included);
+    ``exponents``: the scales are double-quantized (:func:`snap_scales`)."""
     maxq = (1 << bits) - 1
     if symmetric:
         wmax = torch.maximum(wmin.abs(), wmax)
-        scale = (2 * wmax / maxq).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+        scale = _store_scale(2 * wmax / maxq, exponents)
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        scale = ((wmax - wmin) / maxq).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()  # zero from the stored scale
+        scale = _store_scale((wmax - wmin) / maxq, exponents)  # zero from the stored scale
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
 
@@ -223,7 +264,8 @@ def clip_search_mode(clip_search: bool | str) -> str:
 
 
 def _search_range(
-    wg: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor
+    wg: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor,
+    exponents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group grid minimising ``sum weights * (dequant - w)^2`` over shrunk ranges.
 
@@ -235,7 +277,7 @@ def _search_range(
     maxq = (1 << bits) - 1
 
     def error(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s, z = _grid_from_range(wmin * lo, wmax * hi, bits, symmetric)
+        s, z = _grid_from_range(wmin * lo, wmax * hi, bits, symmetric, exponents)
         q = (torch.round(wg / s.unsqueeze(-1)) + z.unsqueeze(-1)).clamp(0, maxq)
         err = (((q - z.unsqueeze(-1)) * s.unsqueeze(-1) - wg).square() * weights).sum(-1)  # outliers/padding: 0 -> exact
         return err, s, z
@@ -270,7 +312,8 @@ def _grid_error(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, w
 
 
 def _refit_wls(
-    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor, rounds: int = WLS_REFIT_ROUNDS
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool, weights: torch.Tensor,
+    rounds: int = WLS_REFIT_ROUNDS, exponents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted least-squares refit of each group's grid, with the codes held fixed (llama.cpp's ``make_qkx`` idea).
 
@@ -300,7 +343,7 @@ def _refit_wls(
         d = q - z.unsqueeze(-1)
         den = (weights * d * d).sum(-1)
         s = (weights * d * wg).sum(-1) / den.clamp(min=1e-30)
-        s = torch.where((den > 0) & (s > 0), s, scale).clamp(min=_MIN_SCALE).to(SCALE_DTYPE).float()
+        s = _store_scale(torch.where((den > 0) & (s > 0), s, scale), exponents)
         err = _grid_error(wg, s, z, bits, weights)
         better = err < best
         if not better.any():
@@ -318,8 +361,14 @@ def compute_group_qparams(
     symmetric: bool = False,
     clip_search: bool | str = False,
     importance: torch.Tensor | None = None,
+    double_quant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales (fp16 ``[N, G]``) and integer zero points (uint8 ``[N, G]``).
+
+    ``double_quant``: every scale lies on its row's 8-bit grid ``code * 2**e`` (module doc),
+    the exponent fixed from the plain min/max scales before any search (a search only
+    shrinks ranges), and every candidate of the search is rounded onto it, so the search
+    sees the error of the grid that is stored.
 
     Outliers are excluded from each group's range (they are replaced by 0, which is in
     the range anyway).  The padding of a partial last group is 0 too, so it never widens
@@ -341,8 +390,12 @@ def compute_group_qparams(
     wg = _grouped(w, g)
     wmin = wg.amin(-1).clamp(max=0.0)
     wmax = wg.amax(-1).clamp(min=0.0)
+    exponents = None
+    if double_quant:
+        maxq = (1 << bits) - 1
+        exponents = scale_exponents(2 * torch.maximum(-wmin, wmax) / maxq if symmetric else (wmax - wmin) / maxq)
     if mode == "none":
-        scale, zero = _grid_from_range(wmin, wmax, bits, symmetric)
+        scale, zero = _grid_from_range(wmin, wmax, bits, symmetric, exponents)
     else:
         if mode in IMPORTANCE_MODES:
             if importance is None or importance.shape != (weight.shape[1],):
@@ -353,12 +406,12 @@ def compute_group_qparams(
             weights = _grouped(importance.float().to(w.device).unsqueeze(0), g)
         else:
             weights = torch.ones(1, 1, 1, device=w.device)
-        scale, zero = _search_range(wg, wmin, wmax, bits, symmetric, weights)
+        scale, zero = _search_range(wg, wmin, wmax, bits, symmetric, weights, exponents)
         if mode in REFIT_MODES:
             # Outliers and padding sit exactly on every grid (code = zero): leave them out of the fit.
             keep = torch.ones(w.shape, dtype=torch.bool, device=w.device) if outlier_mask is None else ~outlier_mask
             refit_weights = weights * _grouped(keep.float(), g)
-            scale, zero = _refit_wls(wg, scale, zero, bits, symmetric, refit_weights)
+            scale, zero = _refit_wls(wg, scale, zero, bits, symmetric, refit_weights, exponents=exponents)
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
 
 
@@ -399,7 +452,8 @@ def dequantize_codes(
 
 
 def fake_quantize(
-    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, clip_search: bool | str = False, importance: torch.Tensor | None = None
+    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, clip_search: bool | str = False, importance: torch.Tensor | None = None,
+    double_quant: bool = False,
 ) -> torch.Tensor:
     """Round ``weight`` onto its own grid (:func:`compute_group_qparams`, no outliers) and back:
     fp32 ``[N, K]``, no packing (searches run it many times).
@@ -408,7 +462,7 @@ def fake_quantize(
         >>> fake_quantize(torch.randn(4, 64), bits=4, group_size=32).shape
         torch.Size([4, 64])
     """
-    scales, zeros = compute_group_qparams(weight, None, bits, group_size, symmetric, clip_search, importance)
+    scales, zeros = compute_group_qparams(weight, None, bits, group_size, symmetric, clip_search, importance, double_quant)
     return dequantize_codes(quantize_to_codes(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
 
 
@@ -472,8 +526,9 @@ def quantize_weight(
     group_zeros: torch.Tensor | None = None,
     codes: torch.Tensor | None = None,
     importance: torch.Tensor | None = None,
+    double_quant: bool = False,
 ) -> PackedWeight:
-    """Quantize a dense ``[N, K]`` weight into the packed GWQ format.
+    """Quantize a dense ``[N, K]`` weight into the packed GWQ format (``double_quant``: module doc).
 
     ``group_scales``/``group_zeros``/``codes`` may be given by an algorithm that chose them
     itself (GPTQ-style error compensation); otherwise they are round-to-nearest on the
@@ -487,7 +542,9 @@ def quantize_weight(
     if outlier_mask is None:
         outlier_mask = torch.zeros(n, k, dtype=torch.bool, device=weight.device)
     if group_scales is None or group_zeros is None:
-        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric, clip_search, importance)
+        group_scales, group_zeros = compute_group_qparams(weight, outlier_mask, bits, g, symmetric, clip_search, importance, double_quant)
+    elif double_quant:
+        encode_grid(group_scales, group_zeros, bits)  # an algorithm's own grid must be on the stored one: raises if not
     if codes is None:
         codes = quantize_to_codes(weight, group_scales, group_zeros, bits, g, outlier_mask)
     else:
@@ -495,7 +552,7 @@ def quantize_weight(
         codes = torch.where(outlier_mask, zero_codes, codes.to(torch.uint8))
     row_ptr, col_idx, values = outliers_to_csr(weight, outlier_mask)
     return PackedWeight(
-        pack_codes(codes, bits), group_scales.contiguous(), group_zeros.contiguous(), row_ptr, col_idx, values, bits, g, k
+        pack_codes(codes, bits), group_scales.contiguous(), group_zeros.contiguous(), row_ptr, col_idx, values, bits, g, k, double_quant
     )
 
 
@@ -524,13 +581,24 @@ def add_csr_rows(
     return w
 
 
-def storage_bits_of(out_features: int, in_features: int, bits: int, group_size: int, outliers: int, index_bytes: int) -> dict[str, int]:
-    """Bits the stored format takes, by component, from the sizes alone (what the report counts)."""
-    groups = out_features * num_groups(in_features, group_size)
+def storage_bits_of(
+    out_features: int, in_features: int, bits: int, group_size: int, outliers: int, index_bytes: int, double_quant: bool = False
+) -> dict[str, int]:
+    """Bits the stored format takes, by component, from the sizes alone (what the report counts).
+
+    ``double_quant``: the scales as uint8 codes plus one int8 exponent per row, and the zeros
+    packed at ``bits`` bits (:func:`encode_grid`)."""
+    n_groups = num_groups(in_features, group_size)
+    groups = out_features * n_groups
+    if double_quant:
+        scales = groups * SCALE_CODE_BITS + out_features * 8  # codes + one exponent byte a row
+        zeros = out_features * packed_row_bytes(n_groups, bits) * 8
+    else:
+        scales, zeros = groups * SCALE_DTYPE.itemsize * 8, groups * 8
     return {
         "codes": out_features * packed_row_bytes(in_features, bits) * 8,
-        "scales": groups * SCALE_DTYPE.itemsize * 8,
-        "zeros": groups * 8,
+        "scales": scales,
+        "zeros": zeros,
         "outlier_values": outliers * OUTLIER_DTYPE.itemsize * 8,
         "outlier_indices": outliers * index_bytes * 8 + (out_features + 1) * 32,
     }
@@ -539,4 +607,40 @@ def storage_bits_of(out_features: int, in_features: int, bits: int, group_size: 
 def storage_bits(packed: PackedWeight) -> dict[str, int]:
     """Bits actually stored, by component (what the report counts)."""
     n = packed.packed_codes.shape[0]
-    return storage_bits_of(n, packed.in_features, packed.bits, packed.group_size, packed.outlier_values.numel(), packed.outlier_col_idx.element_size())
+    return storage_bits_of(
+        n, packed.in_features, packed.bits, packed.group_size, packed.outlier_values.numel(), packed.outlier_col_idx.element_size(), packed.double_quant
+    )
+
+
+# ----------------------------------------------------------------------------- double-quantized grid in a checkpoint
+
+#: Bias of the row exponent in the first byte of a stored double-quantized scale row.
+_EXPONENT_BIAS = 128
+
+
+def encode_grid(group_scales: torch.Tensor, group_zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored form of a double-quantized grid: (scales uint8 ``[N, 1 + G]``: the row exponent
+    plus 128, then the G scale codes; zeros packed at ``bits`` bits, ``pack_codes`` layout).
+
+    Raises ``ValueError`` when a scale is not ``code * 2**e`` on its row's grid or a zero does
+    not fit in ``bits`` bits (the weight was not quantized with ``double_quant``).  Exact:
+    :func:`decode_grid` gives the same tensors back.
+    """
+    scales = group_scales.float()
+    exponents = scale_exponents(scales)
+    codes = scales / torch.exp2(exponents.float()).unsqueeze(-1)
+    if not bool(((codes == codes.round()) & (codes >= 1) & (codes <= _SCALE_CODE_MAX)).all()):
+        raise ValueError("double_quant: group scales are not on their rows' 8-bit power-of-two grid (quantized without double_quant?)")
+    if group_zeros.numel() and int(group_zeros.max()) >= (1 << bits):
+        raise ValueError(f"double_quant: a zero point does not fit in {bits} bits")
+    stored_scales = torch.cat([(exponents + _EXPONENT_BIAS).to(torch.uint8).unsqueeze(-1), codes.to(torch.uint8)], dim=1)
+    return stored_scales, pack_codes(group_zeros.contiguous(), bits)
+
+
+def decode_grid(stored_scales: torch.Tensor, stored_zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scales and uint8 zeros ``[N, G]`` of a stored double-quantized grid (:func:`encode_grid`)."""
+    if stored_scales.dtype != torch.uint8 or stored_scales.dim() != 2 or stored_scales.shape[1] < 2:
+        raise ValueError(f"double_quant: stored scales must be uint8 [N, 1 + G], got {stored_scales.dtype} {tuple(stored_scales.shape)}")
+    step = torch.exp2(stored_scales[:, :1].float() - _EXPONENT_BIAS)
+    scales = (stored_scales[:, 1:].float() * step).to(SCALE_DTYPE)
+    return scales, unpack_codes(stored_zeros, bits, scales.shape[1])

@@ -88,7 +88,9 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
     w = calibration.local_tensor(weight.detach()).float()
-    rtn = packing.fake_quantize(w, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq)
+    rtn = packing.fake_quantize(
+        w, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq, double_quant=config.double_quant
+    )
     return (w - rtn).abs_()
 
 
@@ -255,7 +257,8 @@ def quantize_weight(
         )
     else:
         packed = packing.quantize_weight(
-            w, outlier_mask, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq
+            w, outlier_mask, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq,
+            double_quant=config.double_quant,
         )
     return GWQTensor.from_packed(packed, w.dtype)
 

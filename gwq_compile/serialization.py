@@ -111,12 +111,15 @@ def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
             raise ValueError(f"cannot save {name!r}: it is on the meta device (no data); load or quantize the model first")
         if isinstance(t, GWQTensor):
             stored = t.packed()  # the stored format, whatever the runtime layout
+            if t.double_quant:  # the grid in its compact stored form (packing.encode_grid), same field names
+                stored = stored._replace(**dict(zip(("group_scales", "group_zeros"), packing.encode_grid(stored.group_scales, stored.group_zeros, t.bits))))
             for field, value in zip(STORED_FIELDS, stored):
                 value = value.detach().cpu().contiguous()
                 tensors[field_key(name, field)] = value.reshape(-1) if field == CODES_FIELD else value
             layers[name] = {
                 "bits": t.bits, "group_size": t.group_size, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
                 "codes_shape": list(stored.packed_codes.shape),
+                **({"double_quant": True} if t.double_quant else {}),  # absent otherwise: headers as before
             }  # fmt: skip
         else:
             tensors[name] = t.detach().cpu().contiguous()
@@ -228,8 +231,11 @@ def gwq_tensor_from_fields(fields: dict[str, torch.Tensor], layer: dict, dtype: 
     """Rebuild one :class:`GWQTensor` from its stored fields (codes flattened) and header entry,
     in the runtime layout of the fields' device."""
     codes = fields[CODES_FIELD].reshape(layer["codes_shape"])
-    values = [codes if f == CODES_FIELD else fields[f] for f in STORED_FIELDS]
-    packed = packing.PackedWeight(*values, layer["bits"], layer["group_size"], layer["shape"][1])
+    values = {f: codes if f == CODES_FIELD else fields[f] for f in STORED_FIELDS}
+    double_quant = bool(layer.get("double_quant", False))
+    if double_quant:
+        values["group_scales"], values["group_zeros"] = packing.decode_grid(values["group_scales"], values["group_zeros"], layer["bits"])
+    packed = packing.PackedWeight(*values.values(), layer["bits"], layer["group_size"], layer["shape"][1], double_quant)
     return GWQTensor.from_packed(packed, dtype)
 
 

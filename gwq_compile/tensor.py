@@ -73,12 +73,14 @@ class GWQTensor(TorchAOBaseTensor):
             CPU GEMM operand (``"cpu_int4"`` layout only).
     Attributes:
         bits (int), group_size (int, effective, > 0), shape (torch.Size), dtype: the dtype
-        ``F.linear`` computes in and ``dequantize()`` returns.
+        ``F.linear`` computes in and ``dequantize()`` returns; double_quant (bool): the grid is
+        stored double-quantized (:mod:`gwq_compile.packing`; in memory it is the same fp16/uint8 grid).
     """
 
     tensor_data_names = ["group_scales", "group_zeros", "outlier_row_ptr", "outlier_col_idx", "outlier_values"]
     tensor_attribute_names = ["bits", "group_size", "shape", "dtype"]
     optional_tensor_data_names = ["packed_codes", "cpu_int4_codes", "cpu_scales_zeros"]
+    optional_tensor_attribute_names = ["double_quant"]
 
     def __new__(
         cls,
@@ -94,6 +96,7 @@ class GWQTensor(TorchAOBaseTensor):
         packed_codes: Optional[torch.Tensor] = None,
         cpu_int4_codes: Optional[torch.Tensor] = None,
         cpu_scales_zeros: Optional[torch.Tensor] = None,
+        double_quant: bool = False,
     ):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=group_scales.device, requires_grad=False)
 
@@ -111,6 +114,7 @@ class GWQTensor(TorchAOBaseTensor):
         packed_codes: Optional[torch.Tensor] = None,
         cpu_int4_codes: Optional[torch.Tensor] = None,
         cpu_scales_zeros: Optional[torch.Tensor] = None,
+        double_quant: bool = False,
     ):
         super().__init__()
         if (packed_codes is None) == (cpu_int4_codes is None) or (cpu_int4_codes is None) != (cpu_scales_zeros is None):
@@ -125,6 +129,7 @@ class GWQTensor(TorchAOBaseTensor):
         self.packed_codes = packed_codes
         self.cpu_int4_codes = cpu_int4_codes
         self.cpu_scales_zeros = cpu_scales_zeros
+        self.double_quant = bool(double_quant)
         self._flat_shape, self._flat_dtype = torch.Size(shape), dtype  # for __tensor_flatten__
 
     def __tensor_flatten__(self):
@@ -134,7 +139,7 @@ class GWQTensor(TorchAOBaseTensor):
         a SmolLM2 decode step.  Same names in the same order, same metadata."""
         names = list(self.tensor_data_names)
         names += [n for n in self.optional_tensor_data_names if getattr(self, n) is not None]
-        return names, {"bits": self.bits, "group_size": self.group_size, "shape": self._flat_shape, "dtype": self._flat_dtype}
+        return names, {"bits": self.bits, "group_size": self.group_size, "shape": self._flat_shape, "dtype": self._flat_dtype, "double_quant": self.double_quant}
 
     # ------------------------------------------------------------------ construction
 
@@ -148,23 +153,26 @@ class GWQTensor(TorchAOBaseTensor):
         shape = torch.Size([packed.packed_codes.shape[0], packed.in_features])
         grid_and_outliers = (*packed[1:6], packed.bits, packed.group_size, shape, dtype)
         if layout == "planes":
-            return cls(*grid_and_outliers, packed_codes=packed.packed_codes)
+            return cls(*grid_and_outliers, packed_codes=packed.packed_codes, double_quant=packed.double_quant)
         if packed.packed_codes.device.type != "cpu":
             raise ValueError(f"the cpu_int4 layout needs CPU tensors, got {packed.packed_codes.device}")
         codes, grid = cpu_layout.pack(packed)
-        return cls(*grid_and_outliers, cpu_int4_codes=codes, cpu_scales_zeros=grid)
+        return cls(*grid_and_outliers, cpu_int4_codes=codes, cpu_scales_zeros=grid, double_quant=packed.double_quant)
 
     @classmethod
     def from_float(
-        cls, weight: torch.Tensor, outlier_mask: Optional[torch.Tensor], bits: int, group_size: int, symmetric: bool = False
+        cls, weight: torch.Tensor, outlier_mask: Optional[torch.Tensor], bits: int, group_size: int, symmetric: bool = False,
+        double_quant: bool = False,
     ) -> "GWQTensor":
         """Round-to-nearest quantization of ``weight`` with ``outlier_mask`` kept in fp16."""
-        return cls.from_packed(packing.quantize_weight(weight, outlier_mask, bits, group_size, symmetric), weight.dtype)
+        packed = packing.quantize_weight(weight, outlier_mask, bits, group_size, symmetric, double_quant=double_quant)
+        return cls.from_packed(packed, weight.dtype)
 
     def to_layout(self, layout: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "GWQTensor":
         """This weight in ``layout`` on ``device`` (default: its own), as ``dtype``."""
         device = torch.device(device) if device is not None else self.device
-        packed = packing.PackedWeight(*(t.to(device) for t in self.stored_fields()), self.bits, self.group_size, self.in_features)
+        stored = (t.to(device) for t in self.stored_fields())
+        packed = packing.PackedWeight(*stored, self.bits, self.group_size, self.in_features, self.double_quant)
         return GWQTensor.from_packed(packed, dtype or self.dtype, layout)
 
     # ------------------------------------------------------------------ views of the data
@@ -195,7 +203,7 @@ class GWQTensor(TorchAOBaseTensor):
 
     def packed(self) -> packing.PackedWeight:
         """The stored format of this weight (exact, whatever the layout)."""
-        return packing.PackedWeight(*self.stored_fields(), self.bits, self.group_size, self.in_features)
+        return packing.PackedWeight(*self.stored_fields(), self.bits, self.group_size, self.in_features, self.double_quant)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight (codes dequantized plus outliers), in ``self.dtype`` by default."""
@@ -217,7 +225,7 @@ class GWQTensor(TorchAOBaseTensor):
     def storage_bits(self) -> dict[str, int]:
         """Bits of the stored format, by component (what checkpoints hold and the report counts)."""
         return packing.storage_bits_of(
-            self.shape[0], self.in_features, self.bits, self.group_size, self.num_outliers, self.outlier_col_idx.element_size()
+            self.shape[0], self.in_features, self.bits, self.group_size, self.num_outliers, self.outlier_col_idx.element_size(), self.double_quant
         )
 
     def resident_bytes(self) -> int:
@@ -239,6 +247,7 @@ class GWQTensor(TorchAOBaseTensor):
         torch._utils._set_obj_state(self, state)
         for name in self.optional_tensor_data_names:  # a checkpoint of an older gwq-compile
             self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("double_quant", False)
         if self.packed_codes is not None and default_layout(self.device) == "cpu_int4":
             self.cpu_int4_codes, self.cpu_scales_zeros = cpu_layout.pack(self.packed())
             self.packed_codes = None
@@ -261,7 +270,7 @@ class GWQTensor(TorchAOBaseTensor):
     def _quantization_type(self) -> str:
         return (
             f"bits={self.bits}, group_size={self.group_size}, outliers={self.num_outliers}, "
-            f"shape={tuple(self.shape)}, code_layout={self.code_layout}"
+            f"shape={tuple(self.shape)}, code_layout={self.code_layout}" + (", double_quant" if self.double_quant else "")
         )
 
 
@@ -318,7 +327,7 @@ def _(func, types, args, kwargs):
     if device == self.device:
         new = GWQTensor(
             *(getattr(self, n) for n in GWQTensor.tensor_data_names), self.bits, self.group_size, self.shape, dtype,
-            self.packed_codes, self.cpu_int4_codes, self.cpu_scales_zeros,
+            self.packed_codes, self.cpu_int4_codes, self.cpu_scales_zeros, self.double_quant,
         )  # fmt: skip
     else:
         new = self.to_layout(default_layout(device), device, dtype)

@@ -75,7 +75,7 @@ def test_quantize_weight_properties(bits, n, k, group_size, density, symmetric, 
 
 
 def test_outliers_excluded_from_group_range() -> None:
-    w = torch.randn(4, 64) * 0.01
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.01  # seeded: the global RNG made it flaky
     w[0, 5] = 50.0  # a huge outlier would stretch the grid of its group
     mask = torch.zeros_like(w, dtype=torch.bool)
     mask[0, 5] = True
