@@ -199,9 +199,14 @@ def scale_exponents(scale_bound: torch.Tensor) -> torch.Tensor:
     return exponent.clamp(_SCALE_EXP_MIN, _SCALE_EXP_MAX).to(torch.int32)
 
 
+def _code_step(exponents: torch.Tensor) -> torch.Tensor:
+    """``2**e`` as fp32 ``[N, 1]``: one scale code's step in each row."""
+    return torch.exp2(exponents.float()).unsqueeze(-1)
+
+
 def snap_scales(scale: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     """fp32 ``scale`` ``[N, G]`` rounded onto its row's grid ``code * 2**e`` (code in [1, 255])."""
-    step = torch.exp2(exponents.float()).unsqueeze(-1)
+    step = _code_step(exponents)
     return torch.round(scale / step).clamp(1, _SCALE_CODE_MAX) * step
 
 
@@ -211,19 +216,23 @@ def _store_scale(scale: torch.Tensor, exponents: torch.Tensor | None) -> torch.T
     return scale.to(SCALE_DTYPE).float() if exponents is None else snap_scales(scale, exponents)
 
 
+def _range_scale(wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The exact (unrounded) scale of the grid spanning [wmin, wmax]."""
+    maxq = (1 << bits) - 1
+    return 2 * torch.maximum(wmin.abs(), wmax) / maxq if symmetric else (wmax - wmin) / maxq
+
+
 def _grid_from_range(
     wmin: torch.Tensor, wmax: torch.Tensor, bits: int, symmetric: bool, exponents: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 scale and (integer-valued) zero point of the grid spanning [wmin, wmax] (0 included);
     ``exponents``: the scales are double-quantized (:func:`snap_scales`)."""
     maxq = (1 << bits) - 1
+    scale = _store_scale(_range_scale(wmin, wmax, bits, symmetric), exponents)
     if symmetric:
-        wmax = torch.maximum(wmin.abs(), wmax)
-        scale = _store_scale(2 * wmax / maxq, exponents)
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        scale = _store_scale((wmax - wmin) / maxq, exponents)  # zero from the stored scale
-        zero = torch.round(-wmin / scale).clamp(0, maxq)
+        zero = torch.round(-wmin / scale).clamp(0, maxq)  # zero from the stored scale
     return scale, zero
 
 
@@ -390,10 +399,7 @@ def compute_group_qparams(
     wg = _grouped(w, g)
     wmin = wg.amin(-1).clamp(max=0.0)
     wmax = wg.amax(-1).clamp(min=0.0)
-    exponents = None
-    if double_quant:
-        maxq = (1 << bits) - 1
-        exponents = scale_exponents(2 * torch.maximum(-wmin, wmax) / maxq if symmetric else (wmax - wmin) / maxq)
+    exponents = scale_exponents(_range_scale(wmin, wmax, bits, symmetric)) if double_quant else None
     if mode == "none":
         scale, zero = _grid_from_range(wmin, wmax, bits, symmetric, exponents)
     else:
@@ -628,7 +634,7 @@ def encode_grid(group_scales: torch.Tensor, group_zeros: torch.Tensor, bits: int
     """
     scales = group_scales.float()
     exponents = scale_exponents(scales)
-    codes = scales / torch.exp2(exponents.float()).unsqueeze(-1)
+    codes = scales / _code_step(exponents)
     if not bool(((codes == codes.round()) & (codes >= 1) & (codes <= _SCALE_CODE_MAX)).all()):
         raise ValueError("double_quant: group scales are not on their rows' 8-bit power-of-two grid (quantized without double_quant?)")
     if group_zeros.numel() and int(group_zeros.max()) >= (1 << bits):
@@ -641,6 +647,6 @@ def decode_grid(stored_scales: torch.Tensor, stored_zeros: torch.Tensor, bits: i
     """fp16 scales and uint8 zeros ``[N, G]`` of a stored double-quantized grid (:func:`encode_grid`)."""
     if stored_scales.dtype != torch.uint8 or stored_scales.dim() != 2 or stored_scales.shape[1] < 2:
         raise ValueError(f"double_quant: stored scales must be uint8 [N, 1 + G], got {stored_scales.dtype} {tuple(stored_scales.shape)}")
-    step = torch.exp2(stored_scales[:, :1].float() - _EXPONENT_BIAS)
+    step = _code_step(stored_scales[:, 0].int() - _EXPONENT_BIAS)
     scales = (stored_scales[:, 1:].float() * step).to(SCALE_DTYPE)
     return scales, unpack_codes(stored_zeros, bits, scales.shape[1])

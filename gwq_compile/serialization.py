@@ -112,7 +112,8 @@ def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
         if isinstance(t, GWQTensor):
             stored = t.packed()  # the stored format, whatever the runtime layout
             if t.double_quant:  # the grid in its compact stored form (packing.encode_grid), same field names
-                stored = stored._replace(**dict(zip(("group_scales", "group_zeros"), packing.encode_grid(stored.group_scales, stored.group_zeros, t.bits))))
+                scales, zeros = packing.encode_grid(stored.group_scales, stored.group_zeros, t.bits)
+                stored = stored._replace(group_scales=scales, group_zeros=zeros)
             for field, value in zip(STORED_FIELDS, stored):
                 value = value.detach().cpu().contiguous()
                 tensors[field_key(name, field)] = value.reshape(-1) if field == CODES_FIELD else value

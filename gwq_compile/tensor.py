@@ -171,8 +171,8 @@ class GWQTensor(TorchAOBaseTensor):
     def to_layout(self, layout: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> "GWQTensor":
         """This weight in ``layout`` on ``device`` (default: its own), as ``dtype``."""
         device = torch.device(device) if device is not None else self.device
-        stored = (t.to(device) for t in self.stored_fields())
-        packed = packing.PackedWeight(*stored, self.bits, self.group_size, self.in_features, self.double_quant)
+        packed = self.packed()
+        packed = packed._replace(**{f: getattr(packed, f).to(device) for f in packed._fields[:6]})  # the tensors; attributes as they are
         return GWQTensor.from_packed(packed, dtype or self.dtype, layout)
 
     # ------------------------------------------------------------------ views of the data
