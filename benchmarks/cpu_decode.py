@@ -12,7 +12,11 @@ machine's load hits all of them alike; the tables give medians over the rounds.
 * ``--compile``: the same decode with a static cache and ``torch.compile(model.forward)``
   (Inductor, CPU), compile time excluded (two warm-up generations);
 * ``--ppl-windows N``: each GWQ variant's WikiText-2 test perplexity (N windows of 512) on
-  the fast path and on the plain-PyTorch reference path (``GWQ_KERNEL=reference``);
+  the fast path and on the plain-PyTorch reference path (``GWQ_KERNEL=reference``); these
+  full-window forwards run the prefill path;
+* ``--decode-ppl-tokens N``: the decode path's own numerics: one WikiText-2 test window of N
+  tokens fed one token at a time with a KV cache (M = 1 on every linear: the GEMV), its
+  perplexity against the reference path's on the same window;
 * resident bytes: what the weights hold in memory during inference
   (``quantization_report(model)["model_resident_bytes"]``), against the stored size.
 
@@ -29,6 +33,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -55,6 +60,7 @@ VARIANTS: dict[str, tuple[dict | None, torch.dtype]] = {
     "gwq_w4_head8": ({"head_bits": 8}, torch.float32),
     "gwq_w4_head8_bf16": ({"head_bits": 8}, torch.bfloat16),
     # 4-bit head: g32 was the best 4-bit head on validation (benchmarks/results/head_selection_smollm2.md)
+    "gwq_w4_head4": ({"head_bits": 4, "head_group_size": 32}, torch.float32),
     "gwq_w4_head4_bf16": ({"head_bits": 4, "head_group_size": 32}, torch.bfloat16),
     "gwq_w3": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.float32),
     "gwq_w3_bf16": ({"bits": 3, "group_size": 64, "outlier_ratio": 0.01}, torch.bfloat16),
@@ -66,6 +72,7 @@ LABELS = {
     "gwq_w4_bf16": "GWQ W4 g64 + 0.5% (default), model in bf16",
     "gwq_w4_head8": "GWQ default + 8-bit head, fp32 model",
     "gwq_w4_head8_bf16": "GWQ default + 8-bit head, model in bf16",
+    "gwq_w4_head4": "GWQ default + 4-bit g32 head, fp32 model",
     "gwq_w4_head4_bf16": "GWQ default + 4-bit g32 head, model in bf16",
     "gwq_w3": "GWQ W3 g64 + 1%, fp32 model",
     "gwq_w3_bf16": "GWQ W3 g64 + 1%, model in bf16",
@@ -85,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the variants measured compiled (each compile takes minutes on 2 cores)",
     )
     p.add_argument("--ppl-windows", type=int, default=0, help="fast vs reference perplexity on N WikiText-2 test windows of 512")
+    p.add_argument("--decode-ppl-tokens", type=int, default=0, help="decode-path (M = 1) vs reference perplexity on one window of N tokens")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -130,6 +138,22 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
     model.generation_config.cache_implementation = "static"
     model.forward = torch.compile(model.forward, fullgraph=True)
     return model
+
+
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, one_token_at_a_time: bool) -> float:
+    """Mean next-token NLL of ``model`` on ``ids`` [1, T]: one forward, or T - 1 decode steps with a KV cache."""
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    with torch.no_grad():
+        if not one_token_at_a_time:
+            logits = model(ids).logits[0, :-1].float()
+            return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+        cache, total = DynamicCache(), 0.0
+        for t in range(ids.shape[1] - 1):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            total += float(torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[0, t + 1 : t + 2]))
+        return total / (ids.shape[1] - 1)
 
 
 def gwq_calls() -> int:
@@ -193,9 +217,29 @@ def main(argv: list[str] | None = None) -> None:
             ppl[name] = {"fast": fast, "reference": reference}
             print(f"{name}: perplexity fast {fast:.3f}, reference {reference:.3f}", flush=True)
 
+    decode_ppl: dict[str, dict[str, float]] = {}
+    if args.decode_ppl_tokens:
+        window = text_ids[:, 2000 : 2000 + args.decode_ppl_tokens]
+        for name, model in models.items():
+            if not info[name]["quantized_layers"]:
+                continue
+            before = cpu_kernel.path_calls()["gemv"]
+            decode_nll = window_nll(model, window, one_token_at_a_time=True)
+            gemv_calls = cpu_kernel.path_calls()["gemv"] - before
+            prefill_nll = window_nll(model, window, one_token_at_a_time=False)
+            os.environ[dispatch.KERNEL_ENV] = "reference"
+            try:
+                reference_nll = window_nll(model, window, one_token_at_a_time=False)
+            finally:
+                del os.environ[dispatch.KERNEL_ENV]
+            decode_ppl[name] = {
+                "decode": math.exp(decode_nll), "prefill": math.exp(prefill_nll), "reference": math.exp(reference_nll), "gemv_calls": gemv_calls,
+            }
+            print(f"{name}: decode-path perplexity {decode_ppl[name]}", flush=True)
+
     compiled_decode: dict[str, list[float]] = {}
     if args.compile:  # the eager results are written first, so a failed compile keeps them
-        write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before)
+        write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decode_ppl, load_before)
         # Every variant compiles the same code object (the model class's forward), and each
         # adds its own guarded entries (prefill and decode shapes): dynamo's default limit of
         # 8 per code object is reached by the fourth variant.
@@ -214,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                 compiled_decode[name].append(decode_tokens_per_s(models[name], prompt, args.new_tokens))
             print(f"compiled round {r + 1}: " + ", ".join(f"{n} {compiled_decode[n][-1]:.1f}" for n in compiled_decode), flush=True)
 
-    write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before)
+    write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decode_ppl, load_before)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -224,12 +268,12 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 GEMV_TEXT = {
     "avx512_bf16": "AVX512-BF16 GEMV (`csrc/cpu_gemv_bf16.h`: x rounded to bf16, exact codes, fp32 accumulation)",
-    "avx2": "AVX2 fp32 GEMV (`csrc/cpu_gemv_avx2.h`: fp32 x, exact codes; this CPU has no AVX512-BF16)",
+    "avx2": "AVX2 integer GEMV (`csrc/cpu_gemv_avx2.h`: x rounded to int16 per tile group, exact codes, int32 sums; this CPU has no AVX512-BF16)",
     "": "GEMV: not available on this CPU, torch's int4 GEMM instead",
 }
 
 
-def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_before) -> None:
+def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decode_ppl, load_before) -> None:
     med = {n: statistics.median(v) for n, v in decode.items()}
     pre = {n: statistics.median(v) for n, v in prefill.items()}
     fp32, bf16 = med.get("fp32"), med.get("bf16")
@@ -244,7 +288,7 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_
         f"- Machine load (1/5/15-min load averages) at the start {', '.join(f'{v:.2f}' for v in load_before)}, at the end "
         f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (2 cores: above ~0.5 other work shared the CPU)",
         "- GWQ on CPU (`gwq_compile/cpu_layout.py`, `csrc/cpu_linear.cpp`): codes in torch's int4 CPU GEMM layout; up to"
-        f" {cpu_layout.GEMV_MAX_ROWS} rows (decode) the kernel's {GEMV_TEXT[cpu_kernel.gemv_isa()]},"
+        f" {cpu_layout.gemv_max_rows()} rows (decode) the kernel's {GEMV_TEXT[cpu_kernel.gemv_isa()]},"
         f" below {cpu_layout.TILE_MIN_ROWS} rows torch's int4 GEMM (x rounded to bf16, exact codes, fp32 accumulation),"
         f" the fp16 outliers added in fp32; from {cpu_layout.TILE_MIN_ROWS} rows on (prefill) tiles of <= 256 weight rows"
         f" dequantized in cache and multiplied with at::mm, in {'bf16 (outliers rounded into the tile)' if cpu_kernel.gemv_isa() == 'avx512_bf16' else 'fp32'}",
@@ -278,9 +322,17 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, load_
         lines += ["| variant | fast path | reference | difference |", "| --- | --- | --- | --- |"]
         for n, p in ppl.items():
             lines.append(f"| {LABELS[n]} | {p['fast']:.3f} | {p['reference']:.3f} | {p['fast'] / p['reference'] - 1:+.2%} |")
+    if decode_ppl:
+        lines += ["", f"The decode path's numerics: one WikiText-2 test window of {args.decode_ppl_tokens} tokens, perplexity fed one token at a time"
+                  " (KV cache, M = 1: the GEMV; `gemv calls` counts them) and in one forward (prefill path), against the reference path:", ""]
+        lines += ["| variant | decode path | prefill path | reference | decode vs reference | gemv calls |", "| --- | --- | --- | --- | --- | --- |"]
+        for n, p in decode_ppl.items():
+            lines.append(
+                f"| {LABELS[n]} | {p['decode']:.3f} | {p['prefill']:.3f} | {p['reference']:.3f} | {p['decode'] / p['reference'] - 1:+.2%} | {p['gemv_calls']} |"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     md, js = args.out.with_suffix(".md"), args.out.with_suffix(".json")
-    payload = {"command": cmd, "decode": decode, "prefill": prefill, "compiled_decode": compiled_decode, "ppl": ppl, "info": info}
+    payload = {"command": cmd, "decode": decode, "prefill": prefill, "compiled_decode": compiled_decode, "ppl": ppl, "decode_ppl": decode_ppl, "info": info}
     for path, text in ((md, "\n".join(lines) + "\n"), (js, json.dumps(payload, indent=1))):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)

@@ -8,14 +8,14 @@ on the grid and the outlier count, not on which weights they are), one interleav
 * ``fp32``: ``F.linear`` on the dense fp32 weight (the model GWQ replaces);
 * ``bf16``: ``F.linear`` on a bf16 weight with bf16 x;
 * ``gemv``: ``torch.ops.gwq_cpu.linear`` forced onto its decode GEMV: the AVX512-BF16 one
-  (``csrc/cpu_gemv_bf16.h``; bf16 x) or, on other AVX2 CPUs, the fp32 one (``csrc/cpu_gemv_avx2.h``;
+  (``csrc/cpu_gemv_bf16.h``; bf16 x) or, on other AVX2 CPUs, the integer one (``csrc/cpu_gemv_avx2.h``; x rounded to int16 per tile group;
   every row of x against each block while it is in cache); outliers fused;
 * ``int4``: the same op forced onto torch's int4 GEMM (bf16 x, outliers fused);
 * ``tile``: the same op forced onto the dequantized-tile path (64-row fp32 tiles + at::mm).
 
 The variants are timed round-robin (one call of each in turn), so a change in the machine's
 load hits them alike.  Medians in microseconds, then the ratios that set
-``cpu_layout.GEMV_MAX_ROWS`` (up to which M ``gemv`` beats ``int4``) and
+``cpu_layout.GEMV_MAX_ROWS_BY_ISA`` (up to which M ``gemv`` beats ``int4``) and
 ``cpu_layout.TILE_MIN_ROWS`` (from which ``tile`` beats ``int4``).  The LM head shape
 (49152×576) is in the list because ``head_bits`` quantizes it.  Writes
 ``benchmarks/results/cpu_kernels_<gemv isa>.md`` (the limits differ by CPU: one file per kind).

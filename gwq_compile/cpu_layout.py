@@ -27,9 +27,10 @@ the linear:
 the outliers and the bias in the same pass that stores the output.  It has three paths on
 this one operand, by the rows M of x (limits measured by ``benchmarks/cpu_kernels.py``):
 
-* M <= :data:`GEMV_MAX_ROWS` (decode): its own GEMV, on CPUs with AVX512-BF16 the bf16 one
+* M <= :func:`gemv_max_rows` (decode; 2 or 31 rows by CPU): its own GEMV, on CPUs with AVX512-BF16 the bf16 one
   (``csrc/cpu_gemv_bf16.h``: bf16 x against the exact codes with fp32 accumulation), on other
-  AVX2 CPUs the fp32 one (``csrc/cpu_gemv_avx2.h``: fp32 x, exact codes); the fp16 outliers
+  AVX2 CPUs the integer one (``csrc/cpu_gemv_avx2.h``: x rounded to int16 per tile group,
+  2**-16 of the group's largest entry, exact codes, exact int32 sums); the fp16 outliers
   added in fp32 with fp32 x;
 * other M below :data:`TILE_MIN_ROWS`: torch's int4 GEMM (bf16 x), outliers as above;
 * M >= :data:`TILE_MIN_ROWS` (prefill): up to 256 rows of the weight at a time are
@@ -71,7 +72,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from gwq_compile import dispatch, packing
+from gwq_compile import cpu_kernel, dispatch, packing
 
 __all__ = ["BLOCK_N", "KMap", "available", "k_map", "linear", "linear_aten", "pack", "unpack_codes", "unpack_rows"]
 
@@ -87,17 +88,24 @@ COMPUTE_DTYPE = torch.bfloat16
 #: than a dense GEMM on this project's CPUs (``benchmarks/results/cpu_kernels_*.md``: at 32 rows
 #: the tile is 0.55-0.87x int4 on an AVX2 EPYC, mixed on an AVX512-BF16 one; faster on both from 64).
 TILE_MIN_ROWS = 32
-#: Up to this many rows of x (decode) the compiled kernel runs its own GEMV over the same
-#: packing instead of torch's int4 GEMM: the bf16 one (``csrc/cpu_gemv_bf16.h``) on CPUs with
-#: AVX512-BF16, else the fp32 one (``csrc/cpu_gemv_avx2.h``) on AVX2.  Both beat int4 at 1-2
-#: rows and are mixed from 4 (``benchmarks/results/cpu_kernels_*.md``).
-GEMV_MAX_ROWS = 2
+#: Up to how many rows of x the compiled kernel runs its own GEMV over the same packing
+#: instead of torch's int4 GEMM, by the GEMV this CPU has (``benchmarks/results/cpu_kernels_*.md``):
+#: the bf16 one (``csrc/cpu_gemv_bf16.h``, AVX512-BF16) beats int4 at 1-2 rows and is mixed
+#: from 4; the integer one (``csrc/cpu_gemv_avx2.h``, AVX2) takes 0.43-0.85x int4's time at
+#: every M from 1 to 32 on every SmolLM2 shape, so there it serves every M below the tiles.
+GEMV_MAX_ROWS_BY_ISA = {"avx512_bf16": 2, "avx2": TILE_MIN_ROWS - 1}
 
 # torch warns once per process that CSR tensors are "in beta" when outlier_product builds
 # one; that is torch's note about its API, not about this product.  Only warnings raised
 # from this module are filtered.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning, module=__name__)
 _ZERO_CODE = 8  # the kernel's implicit zero point
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: compiled graphs take it as a constant
+def gemv_max_rows() -> int:
+    """Rows of x up to which the compiled kernel runs its GEMV on this CPU (0: it has none)."""
+    return GEMV_MAX_ROWS_BY_ISA.get(cpu_kernel.gemv_isa(), 0)
 
 
 def code_offset(bits: int) -> int:
@@ -346,7 +354,7 @@ def linear(
         km = k_map(in_features, group_size, bits)
         return torch.ops.gwq_cpu.linear.default(
             x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias,
-            km.tile_group, in_features, km.pad, km.gather, bits == 8, TILE_MIN_ROWS, GEMV_MAX_ROWS,
+            km.tile_group, in_features, km.pad, km.gather, bits == 8, TILE_MIN_ROWS, gemv_max_rows(),
         )  # fmt: skip
     return linear_aten(x, cpu_int4_codes, cpu_scales_zeros, outlier_row_ptr, outlier_col_idx, outlier_values, bias, bits, group_size, in_features)
 

@@ -151,7 +151,7 @@ def kernel_args(weight) -> Optional[tuple]:
         return None
     tile_group, pad, repeat_k = ints
     codes, grid, _scales, _zeros, row_ptr, col_idx, values = weight.cpu_fields()
-    return (codes, grid, row_ptr, col_idx, values, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS, cpu_layout.GEMV_MAX_ROWS)
+    return (codes, grid, row_ptr, col_idx, values, tile_group, in_features, pad, None, repeat_k, cpu_layout.TILE_MIN_ROWS, cpu_layout.gemv_max_rows())
 
 
 def eager_kernel_args(weight) -> Optional[tuple]:
@@ -163,8 +163,29 @@ def eager_kernel_args(weight) -> Optional[tuple]:
     return cached or None
 
 
+def _eager_fast(x: torch.Tensor, weight, bias: Optional[torch.Tensor]):
+    """The compiled kernel's plain-function binding with its arguments, when this call is the
+    common one: eager inference, ``GWQ_KERNEL`` unset, a CPU weight whose arguments are cached
+    (the first call through :func:`linear` caches them), a floating-point CPU x of the right
+    width.  Else None, and :func:`linear` takes its general route (which raises the clear errors)."""
+    args = weight.__dict__.get(EAGER_ARGS_ATTR)
+    if not args or KERNEL_ENV in os.environ or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if not (x.is_cpu and x.is_floating_point() and x.shape[-1] == args[6]):
+        return None
+    return cpu_kernel_module.eager_linear(), args
+
+
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks."""
+    fast = _eager_fast(x, weight, bias)
+    if fast is not None and fast[0] is not None:  # batch-1 decode: every microsecond here is ~1% of a token
+        kernel, args = fast
+        CALLS["cpu_int4"] += 1
+        CALLS["cpu_int4_ext"] += 1
+        return kernel(x, *args[:5], bias, *args[5:])
     choice = kernel_choice()
     chosen = path(x, weight, choice)
     # _flat_shape, not .shape: a subclass's .shape goes through __torch_function__ (~20 us a
@@ -180,7 +201,7 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
                     check_input(x, args[0], in_features)
                     count("cpu_int4")
                     count("cpu_int4_ext")
-                    return torch.ops.gwq_cpu.linear.default(x, *args[:5], bias, *args[5:])
+                    return cpu_kernel_module.eager_linear()(x, *args[:5], bias, *args[5:])
             else:
                 args = kernel_args(weight)
                 if args is not None:  # compiled graphs call the compiled kernel itself (no Python at all per call)

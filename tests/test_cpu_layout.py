@@ -14,6 +14,9 @@ once to x's dtype).  Each product ``x_k w_k`` is therefore off by at most
     |y - ref| <= 4 u T + 2**-24,   T = |x| @ (|W| + c_b S).T + |b|
 
 with ``S`` the group scale of each weight (one more ``u T`` for rounding bf16/fp16 outputs).
+The AVX2 decode GEMV rounds x to int16 per tile group instead (``csrc/cpu_gemv_avx2.h``):
+each entry off by at most ``2**-16 max|x_group|``, and with ``|w| <= 15 s`` (``255 s`` for
+8-bit codes) a group's error stays more than 10x inside the same bound.
 """
 
 from __future__ import annotations
@@ -220,12 +223,28 @@ def test_decode_gemv_edge_shapes(bits: int, group_size: int, k: int, n: int) -> 
     check_close(kernel_path_linear(x, p, bias, 1, "gemv"), x, p, bias)
 
 
-@pytest.mark.parametrize("m,path", [(1, "gemv"), (3, "int4"), (40, "tile")])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=problems())
+def test_the_kernels_int4_path_matches_reference(c: dict) -> None:
+    """The compiled kernel's torch-int4-GEMM path (M < 32 where the GEMV does not take it: on
+    AVX2 the GEMV takes every such M, so it is forced here with a GEMV limit of 0)."""
+    p = make_weight(c["n"], c["k"], c["bits"], c["group_size"], c["density"], c["seed"], c["empty_rows"], c["dense_col"])
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    m = 1 + c["m"] % (cpu_layout.TILE_MIN_ROWS - 1)
+    x = torch.randn(m, c["k"], generator=gen).to(c["dtype"])
+    bias = torch.randn(c["n"], generator=gen).to(c["dtype"]) if c["bias"] else None
+    check_close(kernel_path_linear(x, p, bias, 0, "int4"), x, p, bias)
+
+
+@pytest.mark.parametrize("m,path", [(1, "gemv"), (3, "int4"), (31, "int4"), (40, "tile")])
 def test_the_fast_path_takes_the_kernel_path_its_rows_ask_for(m: int, path: str) -> None:
-    """cpu_layout.linear: decode rows on the GEMV (where the CPU has it), other small M on
-    torch's int4 GEMM, prefill on dequantized tiles."""
+    """cpu_layout.linear: decode rows on the GEMV (where the CPU has it: up to 2 rows on
+    AVX512-BF16, every M below the tiles on AVX2), other small M on torch's int4 GEMM,
+    prefill on dequantized tiles."""
     if path == "gemv" and not cpu_kernel.gemv_supported():
         path = "int4"
+    if path == "int4" and m <= cpu_layout.gemv_max_rows():
+        path = "gemv"
     p = make_weight(70, 150, 4, 64, density=0.05, seed=m)
     x = torch.randn(m, 150)
     with ran_only(path):
@@ -239,8 +258,9 @@ def test_the_compiled_kernel_is_built_here() -> None:
     assert dispatch.cpu_kernel() == "ext"
 
 
-# 4 rows: torch's int4 GEMM; 40 rows: the compiled kernel's dequantized-tile path (M >= 32).
-@pytest.mark.parametrize("m", [4, 40])
+# 1 row: the decode GEMV (ext); 4 rows: torch's int4 GEMM; 40 rows: the compiled kernel's
+# dequantized-tile path (M >= 32).
+@pytest.mark.parametrize("m", [1, 4, 40])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_check_rejects_a_broken_grid(kernel: str, m: int) -> None:
     """The tolerance is tight enough to see a grid off by one code step in one group."""
@@ -254,7 +274,7 @@ def test_check_rejects_a_broken_grid(kernel: str, m: int) -> None:
         check_close(y, x, p, None)
 
 
-@pytest.mark.parametrize("m", [4, 40])
+@pytest.mark.parametrize("m", [1, 4, 40])
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_check_rejects_a_dropped_outlier(kernel: str, m: int) -> None:
     p = make_weight(64, 128, 4, 64, density=0.02, seed=4)

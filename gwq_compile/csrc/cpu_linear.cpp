@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include "cpu_gemv_avx2.h"
@@ -276,9 +277,10 @@ void gemv_linear(
   }
 }
 
-// out = x' @ W.T + outliers + bias for a few rows of x on CPUs without AVX512-BF16, by the fp32
-// GEMV of cpu_gemv_avx2.h (x' fp32 here): every 64-row block of W in parallel, each block
-// multiplied by all rows of x while it is in cache, then its outliers and bias fused into the store.
+// out = x' @ W.T + outliers + bias for a few rows of x on CPUs without AVX512-BF16, by the
+// integer GEMV of cpu_gemv_avx2.h (x' fp32 here, rounded to int16 per tile group inside): every
+// 64-row block of W in parallel, each block multiplied by all rows of x while it is in cache,
+// then its outliers (fp32 x) and bias fused into the store.
 template <typename index_t, typename out_t>
 void gemv_linear_avx2(
     const at::Tensor& xk, const at::Tensor& x32, const uint8_t* __restrict__ codes, const uint16_t* __restrict__ grid,
@@ -287,8 +289,13 @@ void gemv_linear_avx2(
   const int64_t m_rows = xk.size(0), columns = xk.size(1), in_features = x32.size(1);
   const int64_t blocks = (n_cols + gwq_gemv_avx2::kRows - 1) / gwq_gemv_avx2::kRows, groups = columns / tile_group;
   const float* __restrict__ xp = xk.const_data_ptr<float>();
-  std::vector<float> sums(m_rows * groups);
-  for (int64_t m = 0; m < m_rows; ++m) gwq_gemv_avx2::group_sums(xp + m * columns, columns, tile_group, sums.data() + m * groups);
+  std::vector<int16_t> xq(m_rows * columns);
+  std::vector<float> step(m_rows * groups);
+  std::vector<int32_t> qsum(m_rows * groups);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    gwq_gemv_avx2::quantize_x(xp + m * columns, columns, tile_group, xq.data() + m * columns, step.data() + m * groups, qsum.data() + m * groups);
+  }
+  const bool pair_contiguous = chunks.col_stride == 16;  // AVX2 order: columns k, k + 1 of a chunk are one 32-byte load
   // As in gemv_linear: threads only from ~128 K multiply-adds per task.
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / (gwq_gemv_avx2::kRows * columns * m_rows));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
@@ -296,9 +303,16 @@ void gemv_linear_avx2(
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * gwq_gemv_avx2::kRows, rows = std::min<int64_t>(gwq_gemv_avx2::kRows, n_cols - n0);
       for (int64_t m = 0; m < m_rows; ++m) {
-        gwq_gemv_avx2::block_dot(
-            codes + b * gwq_gemv_avx2::kRows * columns / 2, chunks, grid + b * gwq_gemv_avx2::kRows * 2, padded_rows * 2, xp + m * columns,
-            sums.data() + m * groups, columns, tile_group, y);
+        const uint8_t* block = codes + b * gwq_gemv_avx2::kRows * columns / 2;
+        const uint16_t* block_grid = grid + b * gwq_gemv_avx2::kRows * 2;
+        const int16_t* xm_q = xq.data() + m * columns;
+        const float* st = step.data() + m * groups;
+        const int32_t* qs = qsum.data() + m * groups;
+        if (pair_contiguous) {
+          gwq_gemv_avx2::block_dot_i16<true>(block, chunks, block_grid, padded_rows * 2, xm_q, st, qs, columns, tile_group, y);
+        } else {
+          gwq_gemv_avx2::block_dot_i16<false>(block, chunks, block_grid, padded_rows * 2, xm_q, st, qs, columns, tile_group, y);
+        }
         const float* __restrict__ xm = x32.const_data_ptr<float>() + m * in_features;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = n0 + r;
@@ -337,7 +351,7 @@ at::Tensor linear(
   const bool gemv_f32 = !tiled && m_rows <= gemv_max_rows && !gwq_gemv::supported() && gwq_gemv_avx2::supported() &&
       nibble_map(columns).chunked();
   // x' (module comment): bf16 for torch's int4 GEMM, the bf16 GEMV and bf16 tiles; fp32 for the
-  // fp32 GEMV and fp32 tiles.
+  // AVX2 GEMV (which rounds it to int16 per tile group itself) and fp32 tiles.
   at::Tensor xk = x2.to((tiled && !bf16_tiles) || gemv_f32 ? at::kFloat : at::kBFloat16);
   if (gather.has_value()) {
     xk = at::constant_pad_nd(xk, {0, 1}).index_select(1, *gather);  // padded kernel columns read the appended zero
@@ -446,3 +460,8 @@ TORCH_LIBRARY_IMPL(gwq_cpu, CompositeExplicitAutograd, m) {
     return std::vector<int64_t>{path_calls[kGemv].load(), path_calls[kInt4].load(), path_calls[kTile].load()};
   });
 }
+
+// The same kernel as a plain Python function, for eager inference: a call through the
+// dispatcher parses its 14 arguments against the schema (~6 us from Python, as long as the
+// whole 576x576 decode GEMV); pybind11 takes ~3.  Compiled graphs and autograd keep the op.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("linear", &linear, "torch.ops.gwq_cpu.linear without the dispatcher"); }
