@@ -16,13 +16,18 @@ in a real step), round-robin:
 * ``dense_F.linear`` / ``dense_module``: the same layers as dense weights in the same dtype.
 
 Medians over the passes, in ms per pass (= per decode token, for the decoder linears alone;
-the LM head and the rest of the model are not in it).  Writes
+the LM head and the rest of the model are not in it).  Then what the rest costs: greedy
+``generate`` decode ms per token (``(t(33 tokens) - t(1 token)) / 32``) of the dense model in
+fp32 and bf16 with every linear (the head included) swapped for a stub that returns zeros of
+its output's shape, so what is left is attention, norms, rotary, the KV cache and generate's
+own per-token Python.  Writes
 ``benchmarks/results/cpu_call_overhead_<gemv isa>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import statistics
@@ -40,6 +45,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_kernels import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class ZeroLinear(torch.nn.Module):
+    """A linear's output shape at (almost) no cost: what is left of a decode step without it is the rest of the model."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def rest_ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, repeats: int) -> float:
+    """Decode ms per token of ``model`` with every nn.Linear swapped for :class:`ZeroLinear` (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, ZeroLinear(child.out_features))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the stub head has no weight to tie
+
+    def seconds(n: int) -> float:
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        seconds(4)
+        return statistics.median((seconds(33) - seconds(1)) / 32 * 1e3 for _ in range(repeats))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -51,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
     load_before = os.getloadavg()
     model, tokenizer = load_causal_lm()
+    prompt = tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids[:, :32]
+    rest = {name: rest_ms_per_token(copy.deepcopy(model).to(dt).eval(), prompt, 5) for name, dt in DTYPES.items()}
     dense = {n: m.weight.detach().to(dtype).clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     quantize_(model, GWQConfig(progress=False), calibration_data=calibration_tokens(tokenizer, "default", 1, 512))
     model = model.to(dtype).eval()
@@ -103,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in med.items():
         lines.append(f"| {k} | {v:.2f} | {v / med['kernel']:.2f}x |")
     per_call = (med["F.linear"] - med["kernel_pybind"]) / len(calls) * 1e3
-    lines += ["", f"Python between `F.linear` and the kernel: {per_call:.1f} µs a call ({len(calls)} calls a token)."]
+    lines += ["", f"Python between `F.linear` and the kernel: {per_call:.1f} µs a call ({len(calls)} calls a token).", ""]
+    lines += ["The rest of a decode step (every linear a zero-cost stub; dense model, greedy `generate`, 32-token prompt, median of 5):", ""]
+    lines += ["| model dtype | rest ms per token |", "| --- | --- |"] + [f"| {k} | {v:.1f} |" for k, v in rest.items()]
     out = RESULTS / f"cpu_call_overhead_{cpu_kernel.gemv_isa() or 'none'}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
