@@ -1,6 +1,6 @@
 """The prototype that chose double_quant's grid (issue #16), kept so its validation figures have a command.
 
-It monkeypatches ``packing._grid_from_range`` / ``compute_group_qparams``, rounding every
+It monkeypatches ``grid._grid_from_range`` / ``compute_group_qparams``, rounding every
 candidate scale onto an 8-bit grid per row: under an fp16 row scale (``8:...``) or a
 power-of-two exponent (``p8:...``, the design that landed as ``GWQConfig(double_quant=True)``);
 ``fp16:...`` is the plain fp16 grid.  It was run before ``double_quant`` existed; the printed
@@ -14,7 +14,7 @@ Spec: ``SCALES:bits:group:ratio[:bits_budget]``; one JSON line per spec on stdou
 Results: ``benchmarks/results/llamacpp_peer_smollm2.md`` (double-quantized grids).
 """
 import copy, sys, time, json, torch
-from gwq_compile import packing, GWQConfig, quantize_, quantization_report
+from gwq_compile import grid as grid_stage, packing, GWQConfig, quantize_, quantization_report
 from gwq_compile import data
 from gwq_compile.eval import perplexity_details
 from gwq_compile.models import load_causal_lm
@@ -22,8 +22,8 @@ from gwq_compile.models import load_causal_lm
 SCALE_BITS = None
 POW2 = False
 _SUPER = [None]
-orig_grid = packing._grid_from_range
-orig_cgq = packing.compute_group_qparams
+orig_grid = grid_stage._grid_from_range
+orig_cgq = grid_stage.compute_group_qparams
 
 def grid(wmin, wmax, bits, symmetric, exponents=None):
     s, z = orig_grid(wmin, wmax, bits, symmetric, exponents)
@@ -39,11 +39,11 @@ def grid(wmin, wmax, bits, symmetric, exponents=None):
 
 def cgq(weight, outlier_mask, bits, group_size, symmetric=False, clip_search=False, importance=None, double_quant=False):
     if SCALE_BITS is not None:
-        g = packing.effective_group_size(weight.shape[1], group_size)
+        g = grid_stage.effective_group_size(weight.shape[1], group_size)
         w = weight.float()
         if outlier_mask is not None:
             w = w.masked_fill(outlier_mask, 0.0)
-        wg = packing._grouped(w, g)
+        wg = grid_stage._grouped(w, g)
         wmin = wg.amin(-1).clamp(max=0.0); wmax = wg.amax(-1).clamp(min=0.0)
         s0 = ((wmax - wmin) / ((1 << bits) - 1)).clamp(min=2**-24)
         if POW2:
@@ -55,8 +55,9 @@ def cgq(weight, outlier_mask, bits, group_size, symmetric=False, clip_search=Fal
     finally:
         _SUPER[0] = None
 
-packing._grid_from_range = grid
-packing.compute_group_qparams = cgq
+grid_stage._grid_from_range = grid
+grid_stage.compute_group_qparams = cgq
+packing.compute_group_qparams = cgq  # packing.quantize_weight calls it by the name it imported
 import gwq_compile.quantize as Q
 for mod in list(sys.modules.values()):
     if mod is not None and getattr(mod, "compute_group_qparams", None) is orig_cgq:

@@ -24,7 +24,7 @@ from typing import Optional
 from torchao.core.config import AOBaseConfig
 
 from gwq_compile.options import COMPENSATION_CHOICES, SALIENCY_CHOICES, SCOPE_CHOICES, STEP_CHOICES
-from gwq_compile.packing import CLIP_SEARCH_MODES, SUPPORTED_BITS, needs_importance
+from gwq_compile.grid import CLIP_SEARCH_MODES, SUPPORTED_BITS, needs_importance
 
 MAX_OUTLIER_RATIO = 0.5
 #: Options kept for the benchmarks' ablations (benchmarks/quality.py), the one list of them:

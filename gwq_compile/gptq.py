@@ -10,7 +10,7 @@
   sequential, layer-by-layer driver is :func:`gwq_tools.peers.gptq_quantize_model`).
 
 Group grids.  Without act-order the grid of a group (scale and zero, from
-:func:`packing.compute_group_qparams`) is computed when GPTQ reaches the group's first
+:func:`grid.compute_group_qparams`) is computed when GPTQ reaches the group's first
 column, on the weights as updated by the errors of all earlier columns ("dynamic groups",
 as the reference implementation does).  Blocks are aligned to group boundaries so those
 weights are always fully updated.  With ``act_order=True`` the columns are visited by
@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from gwq_compile import packing
+from gwq_compile import grid, packing
 
 __all__ = ["add_input_gram", "collect_hessians", "damped_inverse_hessian", "gptq_quantize_weight", "hessian_saliency", "record_input_grams"]
 
@@ -154,7 +154,7 @@ def _round_column(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and dequantized values of one column ``w [N]`` on per-row grids (fp32 ``[N]``).
 
-    Same arithmetic as :func:`packing.quantize_to_codes` / :func:`packing.dequantize_codes`
+    Same arithmetic as :func:`grid.quantize_to_codes` / :func:`grid.dequantize_codes`
     (fp32, the fp16 scale read back) so the packed result dequantizes to exactly what
     GPTQ used when it computed the errors.
     """
@@ -219,7 +219,7 @@ def gptq_quantize_weight(
     # Static grids: one group per row, or act-order (see module docstring).
     static = act_order or g >= k
     if static:
-        scales, zeros = packing.compute_group_qparams(w, mask, bits, g, symmetric)
+        scales, zeros = grid.compute_group_qparams(w, mask, bits, g, symmetric)
 
     perm = torch.arange(k, device=w.device)
     if act_order:
@@ -247,7 +247,7 @@ def gptq_quantize_weight(
                 col = i1 + i
                 if not static and col % g == 0:
                     # Blocks are group-aligned, so w1[:, i:i+g] holds every update so far.
-                    s, z = packing.compute_group_qparams(w1[:, i : i + g], m[:, col : col + g], bits, g, symmetric)
+                    s, z = grid.compute_group_qparams(w1[:, i : i + g], m[:, col : col + g], bits, g, symmetric)
                     scales[:, col // g], zeros[:, col // g] = s[:, 0], z[:, 0]
                 gi = int(group_of[col])
                 if gi != current:  # fp32 copies of the grid once per group, not per column

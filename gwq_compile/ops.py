@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from gwq_compile import cpu_layout, dispatch, packing
+from gwq_compile import cpu_layout, dispatch, grid, packing
 
 #: The stored group grid and CSR outliers, which every layout keeps as they are.
 GRID_FIELDS = packing.PackedWeight._fields[1:6]
@@ -117,7 +117,7 @@ def dequantize_rows(packed_codes, cpu_int4_codes, group_scales, group_zeros, out
         codes = codes if rows is not None else codes[:n]
     else:
         codes = packing.unpack_codes(packed_codes if rows is None else packed_codes[rows], bits, in_features)
-    w = packing.dequantize_codes(codes, group_scales, group_zeros, group_size, torch.float32)
+    w = grid.dequantize_codes(codes, group_scales, group_zeros, group_size, torch.float32)
     if outlier_values.numel():
         packing.add_csr_rows(w, outlier_row_ptr, outlier_col_idx, outlier_values, rows)
     return w.to(dtype).contiguous()  # (a partial last group leaves a strided view) the fake promises a contiguous tensor

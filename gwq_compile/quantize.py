@@ -27,7 +27,7 @@ import torch
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
-from gwq_compile import calibration, calibration_inputs, hf_registration, packing, ranking
+from gwq_compile import calibration, calibration_inputs, grid, hf_registration, packing, ranking
 from gwq_compile.config import GWQConfig
 from gwq_compile.targets import HEAD_ATTR, NAME_ATTR, layer_name, mark_target, output_head, target_modules
 from gwq_compile.tensor import GWQTensor
@@ -80,7 +80,7 @@ def select_outliers(saliency: torch.Tensor, ratio: float, scope: str, count: int
 def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool | str:
     """The layer's ``clip_search``: ``"act_mse"`` without a recorded input (see
     :func:`warn_no_input_sq`) falls back to plain min/max, not to an unweighted guess."""
-    if packing.needs_importance(config.clip_search) and input_sq is None:
+    if grid.needs_importance(config.clip_search) and input_sq is None:
         return False
     return config.clip_search
 
@@ -88,7 +88,7 @@ def grid_clip_search(config: GWQConfig, input_sq: torch.Tensor | None) -> bool |
 def rounding_error(weight: torch.Tensor, config: GWQConfig, input_sq: torch.Tensor | None) -> torch.Tensor:
     """``|W - RTN(W)|`` on the layer's own grid (``config.clip_search``, no outlier taken out), fp32."""
     w = calibration.local_tensor(weight.detach()).float()
-    rtn = packing.fake_quantize(
+    rtn = grid.fake_quantize(
         w, config.bits, config.group_size, config.symmetric, grid_clip_search(config, input_sq), importance=input_sq, double_quant=config.double_quant
     )
     return (w - rtn).abs_()

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gwq_compile import packing
+from gwq_compile import grid, packing
 
 __all__ = ["AWQSearchResult", "search_scale", "scales_for_alpha", "apply_awq_to_llama_layer"]
 
@@ -134,7 +134,7 @@ def search_scale(
     for step in range(n_grid):
         alpha = step / n_grid
         s = scales_for_alpha(x_mean_abs, alpha)
-        effective = [packing.fake_quantize(w * s, bits, group_size, symmetric) / s for w in weights32]
+        effective = [grid.fake_quantize(w * s, bits, group_size, symmetric) / s for w in weights32]
         loss = (forward(effective) - reference).float().pow(2).mean().item()
         losses.append(loss)
         if loss < best[0]:

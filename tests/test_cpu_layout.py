@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gwq_compile import GWQConfig, GWQTensor, cpu_kernel, cpu_layout, dispatch, load_quantized, packing, quantize_, save_quantized
+from gwq_compile.grid import dequantize_codes
 from tests.conftest import tiny_llama
 
 U = 2.0**-8
@@ -54,7 +55,7 @@ def check_close(y: torch.Tensor, x: torch.Tensor, p: packing.PackedWeight, bias:
     """The bound of the module docstring, elementwise."""
     w = packing.dequantize_weight(p, torch.float64)
     ref = x.double() @ w.T
-    scales = packing.dequantize_codes(
+    scales = dequantize_codes(
         torch.ones(w.shape, dtype=torch.uint8), p.group_scales, torch.zeros_like(p.group_zeros), p.group_size, torch.float64
     )
     c_b = 272 if p.bits == 8 else 16

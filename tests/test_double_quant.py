@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gwq_compile import GWQConfig, GWQTensor, load_quantized, quantization_report, quantize_, save_quantized
-from gwq_compile import distributed, packing
+from gwq_compile import distributed, grid, packing
 from gwq_compile import serialization as ser
 from tests.conftest import tiny_llama
 from tests.test_serialization import assert_same_model
@@ -37,7 +37,7 @@ def test_scales_lie_on_the_row_grid_and_the_stored_form_is_exact(bits, n, k, gro
     mask = torch.rand(n, k, generator=gen) < density
     p = packing.quantize_weight(w, mask, bits, group_size, symmetric, clip_search, double_quant=True)
     assert p.double_quant and p.group_scales.dtype == torch.float16
-    exponents = packing.scale_exponents(p.group_scales)
+    exponents = grid.scale_exponents(p.group_scales)
     codes = p.group_scales.float() / torch.exp2(exponents.float()).unsqueeze(-1)
     assert torch.equal(codes, codes.round()) and bool((codes >= 1).all()) and bool((codes <= 255).all())
     stored_scales, stored_zeros = packing.encode_grid(p.group_scales, p.group_zeros, bits)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gwq_compile import packing
+from gwq_compile import grid, packing
 
 BITS = st.sampled_from(packing.SUPPORTED_BITS)
 
@@ -144,7 +144,7 @@ def test_clip_search_never_worse_than_min_max(bits, n, k, group_size, symmetric,
 
 
 def test_clip_search_modes_and_errors() -> None:
-    assert [packing.clip_search_mode(m) for m in (False, True, "none", "mse", "act_mse")] == ["none", "mse", "none", "mse", "act_mse"]
+    assert [grid.clip_search_mode(m) for m in (False, True, "none", "mse", "act_mse")] == ["none", "mse", "none", "mse", "act_mse"]
     w = torch.randn(4, 40)
     with pytest.raises(ValueError, match="clip_search must be one of"):
         packing.quantize_weight(w, None, 4, 8, clip_search="minmax")
@@ -165,7 +165,7 @@ def test_wls_refit_never_worse_than_its_search(bits, n, k, group_size, symmetric
         refitted = packing.dequantize_weight(packing.quantize_weight(w, mask, bits, group_size, symmetric, refit, importance=imp))
         assert torch.equal(refitted[mask], w[mask].half().float())
         g = packing.effective_group_size(k, group_size)
-        per_group = lambda d: packing._grouped((d - w).square() * weight, g).sum(-1)  # noqa: E731
+        per_group = lambda d: grid._grouped((d - w).square() * weight, g).sum(-1)  # noqa: E731
         assert (per_group(refitted) <= per_group(base) * (1 + 1e-5) + 1e-9).all(), refit  # group by group
 
 
@@ -184,6 +184,6 @@ def test_wls_refit_lowers_the_weighted_error(bits) -> None:
 
 
 def test_refit_modes_need_importance_like_act_mse() -> None:
-    assert packing.needs_importance("act_wls") and not packing.needs_importance("mse_wls")
+    assert grid.needs_importance("act_wls") and not grid.needs_importance("mse_wls")
     with pytest.raises(ValueError, match=r"clip_search='act_wls' needs importance"):
         packing.quantize_weight(torch.randn(4, 40), None, 4, 8, clip_search="act_wls")

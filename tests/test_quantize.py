@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchao
 
-from gwq_compile import GWQConfig, GWQTensor, dispatch, gwq_filter, packing, quantization_report, quantize_
+from gwq_compile import GWQConfig, GWQTensor, dispatch, grid, gwq_filter, packing, quantization_report, quantize_
 from gwq_compile.eval import logits_of, next_token_nll
 from tests.conftest import tiny_llama
 
@@ -450,7 +450,7 @@ def test_head_bits_quantizes_the_head_on_its_own_grid(tie, token_ids) -> None:
     assert isinstance(embedding, GWQTensor) == tie
     # 8-bit codes on min/max ranges: every weight within one step of its dense value (half a
     # step of rounding, up to half a step more at an end of the range from the integer zero point)
-    step = packing.dequantize_codes(torch.ones_like(dense_head, dtype=torch.uint8), head.group_scales, torch.zeros_like(head.group_zeros), 32)
+    step = grid.dequantize_codes(torch.ones_like(dense_head, dtype=torch.uint8), head.group_scales, torch.zeros_like(head.group_zeros), 32)
     err = (head.dequantize() - dense_head).abs()
     assert bool((err <= 1.001 * step + 1e-6).all()) and float(err.mean()) < float(step.mean()) / 3
     q = model(token_ids).logits
