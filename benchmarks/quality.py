@@ -29,6 +29,8 @@ Methods (``--methods``):
     gwq_err      gwq_clip, outliers by |grad| x squared rounding error (saliency="grad_error"), per layer
     gwq_err_model  gwq_err, outliers ranked over the whole model (outlier_scope="model"): the default GWQConfig
     gwq_wls      gwq_err_model with a weighted least-squares refit of each group's scale/zero (clip_search="act_wls")
+    gwq_dq       gwq_err_model with double-quantized scales (double_quant=True)
+    gwq_wls_dq   gwq_wls with double-quantized scales (the refit's scales rounded onto the 8-bit grid too)
 
 Rows are cached in the JSON results file under a key of every setting that affects
 them; a re-run skips cached rows (``--force`` recomputes), so a long grid can be run in
@@ -81,11 +83,12 @@ GWQ_VARIANTS = {
     "gwq_err_model": ("grad_error", "gwq", "model", "none"),
     "gwq_wls": ("grad_error", "gwq", "model", "none"),
     "gwq_dq": ("grad_error", "gwq", "model", "none"),
+    "gwq_wls_dq": ("grad_error", "gwq", "model", "none"),
 }
 #: GWQ variants whose grids are double-quantized (``GWQConfig.double_quant``: 8-bit scale codes, zeros at the code width).
-GWQ_DOUBLE_QUANT = ("gwq_dq",)
+GWQ_DOUBLE_QUANT = ("gwq_dq", "gwq_wls_dq")
 #: GWQ variants whose groups' ranges come from a search (``GWQConfig.clip_search``); the rest use plain min/max.
-GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls", "gwq_dq": "act_mse"}
+GWQ_CLIP = {"gwq_clip": "act_mse", "gwq_err": "act_mse", "gwq_err_model": "act_mse", "gwq_wls": "act_wls", "gwq_dq": "act_mse", "gwq_wls_dq": "act_wls"}
 METHODS = BASELINES + tuple(GWQ_VARIANTS)
 #: The variant whose selection is the default GWQConfig's (drawn in black).
 DEFAULT_METHOD = "gwq_err_model"
