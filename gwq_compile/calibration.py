@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -71,11 +72,46 @@ class LayerCalibration:
     outlier_ties: int = 0  # ... and how many of this layer's scores equal to it are outliers (gwq_compile.ranking)
     is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
     bits: int | None = None  # GWQConfig.bits_budget: this layer's code width, chosen by quantize.allocate_layer_bits
+    group: "CalibrationGroup | None" = None  # the layers prepared with it (ranked together for outlier_scope="model")
 
     def remove_hooks(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+class CalibrationGroup:
+    """The layers one prepare pass prepared (``quantize_(model, GWQConfig(step="prepare"))``,
+    torchao's or ours: every handler call of a pass gets the same config object, and the
+    group is that object's).  ``outlier_scope="model"`` ranks a group as one model at its
+    first convert, so torchao's ``quantize_(model, GWQConfig(step="convert"))`` needs no
+    hand-built filter.  Holds weak references: a dropped model leaves nothing alive here."""
+
+    def __init__(self) -> None:
+        self._modules: list[weakref.ReferenceType] = []
+        self.ranked = False
+
+    def add(self, module: torch.nn.Module) -> None:
+        self._modules.append(weakref.ref(module))
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The group's live modules, in prepare order (the model's module order)."""
+        return [m for m in (r() for r in self._modules) if m is not None]
+
+
+#: The attribute of a prepare config holding its :class:`CalibrationGroup` (not a dataclass
+#: field: never compared, copied by ``replace`` or serialized).
+_GROUP_ATTR = "_gwq_calibration_group"
+
+
+def group_of(config: GWQConfig) -> CalibrationGroup:
+    """The calibration group of a prepare pass run with ``config`` (created on first use).
+    torchao's ``quantize_`` hands every module the same config object, so use one prepare
+    config object per model (``gwq_compile.quantize_`` copies it per call itself)."""
+    group = config.__dict__.get(_GROUP_ATTR)
+    if group is None:
+        group = config.__dict__[_GROUP_ATTR] = CalibrationGroup()
+    return group
 
 
 def saliency_term(grad: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -112,7 +148,8 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
     if state is not None:  # a tied weight already prepared through another module
         return state
     check_finite(local_tensor(weight.detach()), "the weight", name)
-    state = LayerCalibration(name=name, saliency_kind=config.saliency)
+    state = LayerCalibration(name=name, saliency_kind=config.saliency, group=group_of(config))
+    state.group.add(module)
     state.saved_requires_grad, state.saved_grad = weight.requires_grad, weight.grad
     weight.grad = None
 

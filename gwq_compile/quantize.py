@@ -233,8 +233,9 @@ def layer_outlier_mask(weight: torch.Tensor, state: calibration.LayerCalibration
     if config.outlier_scope == "model":
         if state.outlier_threshold is None:
             raise ValueError(
-                f"layer {state.name!r}: outlier_scope='model' ranks all layers together; convert with "
-                "gwq_compile.quantize_, the gwq backend, or torchao's quantize_ with filter_fn=gwq_filter(model, config)"
+                f"layer {state.name!r}: outlier_scope='model' ranks the layers prepared together, and this layer's calibration "
+                "group could not be ranked (its other layers are gone); convert the prepared model itself with "
+                "gwq_compile.quantize_, torchao's quantize_, or the gwq backend"
             )
         return ranking.threshold_mask(layer_scores(weight, state, config, grad_in_out), state.outlier_threshold, state.outlier_ties)
     saliency = layer_saliency(weight, state, config, grad_in_out)
@@ -302,6 +303,8 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
             what = "gradient" if missing_grad else "forward input (Hessian)"
             warnings.warn(f"layer {state.name!r} received no {what} during calibration; it stays unquantized", stacklevel=3)
             return module
+        if config.outlier_scope == "model" and state.outlier_threshold is None:
+            rank_group(state, config)
         mask = layer_outlier_mask(weight, state, config)
         try:
             warn_no_input_sq(state, config)
@@ -316,6 +319,21 @@ def convert_linear(module: torch.nn.Module, config: GWQConfig) -> torch.nn.Modul
     for owner, pname in module.__dict__.get(HEAD_ATTR, ()):  # a tied input embedding shares the quantized head
         owner._parameters[pname] = state.quantized
     return module
+
+
+def rank_group(state: calibration.LayerCalibration, config: GWQConfig) -> None:
+    """``outlier_scope="model"`` at the first convert of a layer no ranking has reached (torchao's
+    ``quantize_`` converts one module at a time): rank the layers prepared with it together,
+    as :func:`gwq_compile.quantize_` ranks the model.  Once per group; a layer its group does
+    not hold (live) is left to :func:`layer_outlier_mask`'s error."""
+    group = state.group
+    if group is None or group.ranked:
+        return
+    entries = ranking_entries(group.modules())
+    if not any(s is state for _, s, _ in entries):
+        return
+    group.ranked = True
+    rank_model_outliers(entries, config)
 
 
 def _check_linear(module: torch.nn.Module) -> None:
@@ -401,10 +419,11 @@ def quantize_(model: torch.nn.Module, config: GWQConfig, calibration_data: Any =
         raise ValueError("one-shot GWQ needs calibration_data (token ids); or use step='prepare' then step='convert'")
     calibration_data = calibration_inputs.token_batches(calibration_data, calibration_inputs.vocab_size(model))
     snapshot = calibration.snapshot_and_freeze(model)
+    prepare_config = config.replace()  # a copy: this call's layers are one calibration group, whatever else used the config
     try:
         for name, mod in targets:
             mark_target(model, name, mod, config)
-            prepare_linear(mod, config)
+            prepare_linear(mod, prepare_config)
         if config.step == "prepare":
             model._gwq_snapshot = snapshot  # restored by convert
             return

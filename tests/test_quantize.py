@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -190,21 +191,48 @@ def test_torchao_quantize_path(llama, token_ids) -> None:
     assert torch.isfinite(llama(ids).logits).all()
 
 
-def test_torchao_path_ranks_the_model_through_gwq_filter(llama, token_ids) -> None:
+@pytest.mark.parametrize("filters", ["gwq_filter", "plain", "none"])
+def test_torchao_path_ranks_the_model(llama, token_ids, filters: str) -> None:
+    """outlier_scope="model" through torchao's quantize_: the layers prepared together are
+    ranked together at the first convert, whatever filter the convert pass uses ("plain": a
+    lambda; "none": torchao's default, every nn.Linear, at prepare and convert); masks equal
+    the one-shot API's on the same layers."""
     ids = token_ids[:1]
-    reference = copy.deepcopy(llama)
     cfg = GWQConfig(**{**CFG, "outlier_scope": "model"})
+    every_linear = filters == "none"
+    if every_linear:  # the one-shot API on the same layers: the LM head too (untied: one grid for one weight)
+        llama = tiny_llama(tie=False)
+        cfg = cfg.replace(skip_modules=(), skip_output_embeddings=False)
+    reference = copy.deepcopy(llama)
     quantize_(reference, cfg, calibration_data=ids)
     prepare = cfg.replace(step="prepare")
-    torchao.quantization.quantize_(llama, prepare, filter_fn=gwq_filter(llama, prepare))
+    torchao.quantization.quantize_(llama, prepare, filter_fn=None if every_linear else gwq_filter(llama, prepare))
     next_token_nll(llama(ids).logits, ids).backward()
     convert = cfg.replace(step="convert")
-    with pytest.raises(ValueError, match="gwq_filter"):  # a filter that does not rank the model first
-        torchao.quantization.quantize_(llama, convert, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head")
-    torchao.quantization.quantize_(llama, convert, filter_fn=gwq_filter(llama, convert))
+    convert_filter = {
+        "gwq_filter": lambda: gwq_filter(llama, convert),
+        "plain": lambda: (lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "lm_head"),
+        "none": lambda: None,
+    }[filters]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every prepared layer converts: none is left dense with a warning
+        torchao.quantization.quantize_(llama, convert, filter_fn=convert_filter)
     for name, mod in _linears(llama).items():
-        if name != "lm_head":
+        if name != "lm_head" or every_linear:
             assert torch.equal(mod.weight.outlier_mask(), _linears(reference)[name].weight.outlier_mask()), name
+    assert isinstance(llama.lm_head.weight, GWQTensor) == every_linear
+
+
+def test_a_copy_of_a_prepared_model_is_not_prepared(llama, token_ids) -> None:
+    """A deep copy does not carry the calibration state (nor its group): converting it is the
+    clear "convert without prepare" error, never a ranking over some other set of layers."""
+    ids = token_ids[:1]
+    prepare = GWQConfig(**{**CFG, "outlier_scope": "model", "step": "prepare"})
+    torchao.quantization.quantize_(llama, prepare, filter_fn=gwq_filter(llama, prepare))
+    next_token_nll(llama(ids).logits, ids).backward()
+    copied = copy.deepcopy(llama)
+    with pytest.raises(ValueError, match="convert without prepare"):
+        torchao.quantization.quantize_(copied, prepare.replace(step="convert"), filter_fn=lambda m, fqn: fqn != "lm_head" and isinstance(m, torch.nn.Linear))
 
 
 def test_torchao_one_shot_without_data_is_a_clear_error() -> None:
