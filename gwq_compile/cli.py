@@ -214,6 +214,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         compensation=args.compensation,
         **({} if args.clip_search is None else {"clip_search": args.clip_search}),
+        double_quant=args.double_quant,
+        bits_budget=args.bits_budget,
+        head_bits=args.head_bits,
+        **({} if args.head_group_size is None else {"head_group_size": args.head_group_size}),
         damp=args.damp,
         progress=not args.no_progress,
     )
@@ -292,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--compensation", default="none", choices=list(COMPENSATION_CHOICES), help="error compensation of the non-outliers")
     qz.add_argument("--clip-search", default=None, choices=list(CLIP_SEARCH_NAMES), help="how each group's range is chosen (default: GWQConfig's)")
     qz.add_argument("--symmetric", action="store_true")
+    qz.add_argument("--double-quant", action="store_true", help="8-bit scale codes under one power-of-two exponent per row, zeros at the code width")
+    qz.add_argument("--bits-budget", type=float, default=None, help="mean code bits: per-layer widths chosen from the saliency (e.g. 3.64)")
+    qz.add_argument("--head-bits", type=int, default=None, help="also quantize the LM head (and a tied input embedding) at these bits")
+    qz.add_argument("--head-group-size", type=int, default=None, help="the head's group size (default: GWQConfig's)")
     qz.add_argument("--damp", type=float, default=0.01)
     qz.add_argument("--calib-data", default="wikitext2", help="'wikitext2' (validation split), 'default', or a text file")
     qz.add_argument("--calib-samples", type=_positive_int, default=1)

@@ -66,6 +66,8 @@ def test_quantize_refuses_a_gwq_checkpoint_before_loading(gwq_dir, tmp_path, cap
         (["--calib-data", "{text}", "--calib-seqlen", "128"], "--calib-seqlen 128 is longer than the model's context (64 tokens)"),
         (["--calib-data", "wikitext2"], "does not exist"),  # GWQ_DATA_DIR points at an empty folder
         (["--calib-data", "{text}", "--bits", "5"], "GWQConfig.bits must be"),
+        (["--calib-data", "{text}", "--head-bits", "5"], "GWQConfig.head_bits must be"),
+        (["--calib-data", "{text}", "--double-quant", "--compensation", "gptq"], "double_quant"),
     ],
 )
 def test_quantize_checks_its_inputs_before_loading(tiny_dir, text_file, tmp_path, capsys, monkeypatch, no_model_load, extra, message) -> None:
@@ -104,6 +106,23 @@ def test_checkpoint_without_tokenizer_is_one_clear_line(text_file, tmp_path, cap
     rc = main(["eval", "--model", str(tmp_path / "no_tok"), "--data-file", str(text_file), "--seqlen", "32", "--no-progress"])
     line = _one_error_line(capsys)
     assert rc == 1 and "has no tokenizer" in line and "save_quantized(model, dir, tokenizer=tokenizer)" in line
+
+
+def test_quantize_passes_the_grid_options_through(tiny_dir, text_file, tmp_path) -> None:
+    """--double-quant, --bits-budget, --head-bits and --head-group-size reach the checkpoint."""
+    out = tmp_path / "dq"
+    args = ["quantize", str(tiny_dir), "--group-size", "32", "--double-quant", "--bits-budget", "3.5", "--head-bits", "8",
+            "--head-group-size", "32", "--calib-data", str(text_file), "--calib-seqlen", "32", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and isinstance(m.weight, GWQTensor)]
+    assert weights and all(w.double_quant for w in weights)
+    assert isinstance(model.lm_head.weight, GWQTensor) and model.lm_head.weight.bits == 8 and model.lm_head.weight.group_size == 32
+    decoder = [w for w in weights if w is not model.lm_head.weight]
+    mean_bits = sum(w.bits * w.numel() for w in decoder) / sum(w.numel() for w in decoder)
+    assert {w.bits for w in decoder} <= {3, 4, 8} and 3 in {w.bits for w in decoder} and mean_bits <= 3.5  # the budget: mean code bits
 
 
 def test_quantize_output_reloads_with_from_pretrained(gwq_dir) -> None:
