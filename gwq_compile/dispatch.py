@@ -175,17 +175,22 @@ def _eager_fast(x: torch.Tensor, weight, bias: Optional[torch.Tensor]):
         return None
     if not (x.is_cpu and x.is_floating_point() and x.shape[-1] == args[6]):
         return None
-    return cpu_kernel_module.eager_linear(), args
+    kernel = cpu_kernel_module.eager_linear()
+    return None if kernel is None else (kernel, args)
+
+
+def _run_eager(kernel, x: torch.Tensor, args: tuple, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The compiled kernel's plain-function binding on :func:`kernel_args`' arguments, counted."""
+    CALLS["cpu_int4"] += 1
+    CALLS["cpu_int4_ext"] += 1
+    return kernel(x, *args[:5], bias, *args[5:])
 
 
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks."""
     fast = _eager_fast(x, weight, bias)
-    if fast is not None and fast[0] is not None:  # batch-1 decode: every microsecond here is ~1% of a token
-        kernel, args = fast
-        CALLS["cpu_int4"] += 1
-        CALLS["cpu_int4_ext"] += 1
-        return kernel(x, *args[:5], bias, *args[5:])
+    if fast is not None:  # batch-1 decode: every microsecond here is ~1% of a token
+        return _run_eager(fast[0], x, fast[1], bias)
     choice = kernel_choice()
     chosen = path(x, weight, choice)
     # _flat_shape, not .shape: a subclass's .shape goes through __torch_function__ (~20 us a
@@ -199,9 +204,7 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
                 args = eager_kernel_args(weight)
                 if args is not None:  # eager inference: the compiled kernel with the fewest Python hops
                     check_input(x, args[0], in_features)
-                    count("cpu_int4")
-                    count("cpu_int4_ext")
-                    return cpu_kernel_module.eager_linear()(x, *args[:5], bias, *args[5:])
+                    return _run_eager(cpu_kernel_module.eager_linear(), x, args, bias)
             else:
                 args = kernel_args(weight)
                 if args is not None:  # compiled graphs call the compiled kernel itself (no Python at all per call)

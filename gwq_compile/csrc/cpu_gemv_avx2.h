@@ -48,11 +48,11 @@ struct Chunks {
   static Chunks avx2_order(int64_t columns) { return {{0, 16 * columns}, 16, {0, 32}, {16, 48}}; }
   static Chunks avx512_order() { return {{0, 16}, 32, {0, 16}, {32, 48}}; }
 
-  // First row of block_dot's 8-lane vector j (0, 1: low nibbles; 2, 3: high) of chunk c.
+  // First row of block_dot_i16's 8-lane output vector j (0, 1: low nibbles; 2, 3: high) of chunk c.
   int row(int c, int j) const { return (j < 2 ? r_low[c] : r_high[c]) + 8 * (j % 2); }
 };
 
-// x rounded to int16 per tile group, the form block_dot multiplies: x[k] ~= step[g] * xq[k]
+// x rounded to int16 per tile group, the form block_dot_i16 multiplies: x[k] ~= step[g] * xq[k]
 // with step[g] = max_k |x[k]| / 32767 over group g, and qsum[g] = sum_k xq[k] (X above, exact).
 // A group holding a NaN or an infinity gets step NaN, so its rows come out NaN as in fp32.
 GWQ_TARGET_AVX2
