@@ -55,8 +55,8 @@ def child_prepare(work: Path, model_path: str | None, seqlen: int) -> None:
     """The HF folder and the calibration tokens every row reads."""
     import torch
 
-    from gwq_compile import data
-    from gwq_compile.models import load_causal_lm
+    from gwq_tools import data
+    from gwq_tools.models import load_causal_lm
 
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +79,7 @@ def child_quantize(work: Path, samples: int, packed_out: Path | None) -> dict:
     import torch
 
     import gwq_compile
-    from gwq_compile.models import load_causal_lm
+    from gwq_tools.models import load_causal_lm
 
     model, _ = load_causal_lm(str(work / "smollm2"), torch.float32)
     loaded, rss_loaded, peak_loaded = time.perf_counter(), current_rss_bytes(), peak_rss_bytes()

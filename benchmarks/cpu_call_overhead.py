@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from gwq_compile import GWQConfig, GWQTensor, calibration_tokens, cpu_kernel, dispatch, quantize_
-from gwq_compile.models import load_causal_lm
+from gwq_tools.models import load_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_kernels import cpu_name  # noqa: E402

@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 
 from gwq_compile import GWQConfig, calibration_tokens, cpu_kernel, cpu_layout, dispatch, quantization_report, quantize_
-from gwq_compile.data import tokenize, wikitext2_text
-from gwq_compile.eval import perplexity
-from gwq_compile.models import load_causal_lm
+from gwq_tools.data import tokenize, wikitext2_text
+from gwq_tools.eval import perplexity
+from gwq_tools.models import load_causal_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_kernels import cpu_name  # noqa: E402  (the benchmarks' one CPU-name helper)

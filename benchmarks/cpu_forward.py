@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gwq_compile import GWQTensor, quantization_report
-from gwq_compile.models import load_causal_lm
+from gwq_tools.models import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_forward_smollm2.md"
 

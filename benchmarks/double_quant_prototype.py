@@ -15,9 +15,9 @@ Results: ``benchmarks/results/llamacpp_peer_smollm2.md`` (double-quantized grids
 """
 import copy, sys, time, json, torch
 from gwq_compile import grid as grid_stage, packing, GWQConfig, quantize_, quantization_report
-from gwq_compile import data
-from gwq_compile.eval import perplexity_details
-from gwq_compile.models import load_causal_lm
+from gwq_tools import data
+from gwq_tools.eval import perplexity_details
+from gwq_tools.models import load_causal_lm
 
 SCALE_BITS = None
 POW2 = False

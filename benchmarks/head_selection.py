@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from gwq_compile import GWQConfig, GWQTensor, calibration_tokens, quantization_report, quantize_
-from gwq_compile.data import tokenize, wikitext2_text
-from gwq_compile.eval import perplexity
-from gwq_compile.models import load_causal_lm
+from gwq_tools.data import tokenize, wikitext2_text
+from gwq_tools.eval import perplexity
+from gwq_tools.models import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head_selection_smollm2.md"
 

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import GWQConfig, data, quantize_
+from gwq_compile import GWQConfig, quantize_
+from gwq_tools import data
 from gwq_tools import peers
 from gwq_compile.atomic_write import write_text as write_text_atomic
-from gwq_compile.models import load_causal_lm
+from gwq_tools.models import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "outlier_shares_smollm2.md"
 

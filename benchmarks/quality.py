@@ -3,7 +3,7 @@
 Every method quantizes the same decoder linears (every ``nn.Linear`` but the tied
 output head) of the same model, is timed around its quantization call (calibration
 included), and is evaluated on the same WikiText-2 **test** windows (standard protocol,
-:mod:`gwq_compile.eval`).  Calibration windows come from WikiText-2 **validation**
+:mod:`gwq_tools.eval`).  Calibration windows come from WikiText-2 **validation**
 (``data.calibration_tokens(tok, "wikitext2", n, seqlen, seed=0)``); nothing is ever tuned
 on test windows.  Bits per weight are honest: codes + scales + zeros + outlier values +
 outlier indices (CSR row pointers included), over the quantized weights.
@@ -58,11 +58,11 @@ from pathlib import Path
 
 import torch
 
-from gwq_compile import data
+from gwq_tools import data
 from gwq_tools import peers
 from gwq_compile.atomic_write import write_json as write_json_atomic, write_text as write_text_atomic
-from gwq_compile.eval import perplexity_details
-from gwq_compile.models import load_causal_lm
+from gwq_tools.eval import perplexity_details
+from gwq_tools.models import load_causal_lm
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINES = ("fp", "rtn", "gptq", "gptq_act", "awq", "ao_affine", "ao_hqq", "llamacpp", "llamacpp_plain")
@@ -303,7 +303,7 @@ class Bench:
     def run_llamacpp(self, row: Row) -> dict:
         """A llama.cpp row: re-quantize the source GGUF, load it dense through transformers, evaluate."""
         import llamacpp_peer  # beside this script
-        from gwq_compile.models import resolve_model_path
+        from gwq_tools.models import resolve_model_path
 
         source = resolve_model_path(None if self.settings.model == "smollm2" else self.settings.model)
         if source.suffix != ".gguf":

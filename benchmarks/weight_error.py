@@ -28,7 +28,7 @@ import torch
 from gwq_compile import packing
 from gwq_tools import peers
 from gwq_compile.atomic_write import write_text as write_text_atomic
-from gwq_compile.models import load_causal_lm
+from gwq_tools.models import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "weight_error_smollm2.md"
 METHODS = ("rtn", "ao_affine", "ao_hqq")

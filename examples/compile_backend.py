@@ -27,9 +27,9 @@ import time
 import torch
 
 from gwq_compile import calibration_tokens, quantization_report
-from gwq_compile.data import default_text, tokenize
-from gwq_compile.eval import logits_of, next_token_nll
-from gwq_compile.models import load_causal_lm
+from gwq_tools.data import default_text, tokenize
+from gwq_compile.calibration import logits_of, next_token_nll
+from gwq_tools.models import load_causal_lm
 
 
 def mean_nll(model: torch.nn.Module, windows: torch.Tensor) -> float:

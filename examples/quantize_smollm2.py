@@ -17,9 +17,9 @@ import time
 import torch
 
 from gwq_compile import GWQConfig, calibration_tokens, quantization_report, quantize_
-from gwq_compile.data import default_text, tokenize, wikitext2_text
-from gwq_compile.eval import perplexity
-from gwq_compile.models import load_causal_lm
+from gwq_tools.data import default_text, tokenize, wikitext2_text
+from gwq_tools.eval import perplexity
+from gwq_tools.models import load_causal_lm
 
 
 def heldout_text() -> tuple[str, str]:

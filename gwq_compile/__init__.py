@@ -33,7 +33,7 @@ _LAZY = {
     "GWQHfConfig": "gwq_compile.hf_quantizer",
     "GWQTensor": "gwq_compile.tensor",
     "backend": "gwq_compile.compile_backend",
-    "calibration_tokens": "gwq_compile.data",
+    "calibration_tokens": "gwq_compile.calibration_text",
     "gwq_filter": "gwq_compile.quantize",
     "load_quantized": "gwq_compile.serialization",
     "quantization_report": "gwq_compile.report",
@@ -64,7 +64,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from gwq_compile.compile_backend import CalibrationData, backend
     from gwq_compile.config import GWQConfig
-    from gwq_compile.data import calibration_tokens
+    from gwq_compile.calibration_text import calibration_tokens
     from gwq_compile.hf_quantizer import GWQHfConfig
     from gwq_compile.quantize import gwq_filter, quantize_
     from gwq_compile.report import quantization_report

@@ -67,11 +67,11 @@ class LayerCalibration:
     saved_requires_grad: bool = False
     saved_grad: torch.Tensor | None = None
     quantized: torch.nn.Parameter | None = None  # set by convert, reused by tied modules
-    scores: torch.Tensor | None = None  # fp32 [out, in] outlier scores, computed in place of saliency_sum (quantize.layer_scores)
+    scores: torch.Tensor | None = None  # fp32 [out, in] outlier scores, computed in place of saliency_sum (selection.layer_scores)
     outlier_threshold: float | None = None  # outlier_scope="model": the model-wide threshold, set by the ranking
     outlier_ties: int = 0  # ... and how many of this layer's scores equal to it are outliers (gwq_compile.ranking)
     is_head: bool = False  # the output embedding: quantized on GWQConfig.head_config()'s grid
-    bits: int | None = None  # GWQConfig.bits_budget: this layer's code width, chosen by quantize.allocate_layer_bits
+    bits: int | None = None  # GWQConfig.bits_budget: this layer's code width, chosen by selection.allocate_layer_bits
     group: "CalibrationGroup | None" = None  # the layers prepared with it (ranked together for outlier_scope="model")
 
     def remove_hooks(self) -> None:

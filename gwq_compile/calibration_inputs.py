@@ -24,6 +24,12 @@ from typing import Any, Iterator
 import torch
 
 
+def context_length(model) -> int | None:
+    """The model's maximum sequence length (``config.max_position_embeddings``), if it has one."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def vocab_size(model: torch.nn.Module) -> int | None:
     """Rows of the model's input embedding, when it has one (``get_input_embeddings``)."""
     get = getattr(model, "get_input_embeddings", None)

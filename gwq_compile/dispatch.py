@@ -145,7 +145,7 @@ def kernel_args(weight) -> Optional[tuple]:
     """The arguments of ``torch.ops.gwq_cpu.linear`` after ``x`` except the bias, split around
     it (``args[:5]``, bias, ``args[5:]``), for a CPU-layout weight whose groups need no gather;
     None otherwise (plain integer arithmetic on the weight's attributes: torch.compile folds it)."""
-    in_features = weight._flat_shape[1]
+    in_features = weight._linear_shape[1]
     ints = cpu_layout.kernel_ints(in_features, weight.group_size, weight.bits)
     if ints is None:
         return None
@@ -187,15 +187,17 @@ def _run_eager(kernel, x: torch.Tensor, args: tuple, bias: Optional[torch.Tensor
 
 
 def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks."""
+    """``F.linear(x, weight, bias)`` for a ``GWQTensor`` weight, through the op :func:`path` picks
+    (for a transposed one, an HF ``Conv1D``'s: ``x @ weight + bias``)."""
     fast = _eager_fast(x, weight, bias)
     if fast is not None:  # batch-1 decode: every microsecond here is ~1% of a token
         return _run_eager(fast[0], x, fast[1], bias)
     choice = kernel_choice()
     chosen = path(x, weight, choice)
-    # _flat_shape, not .shape: a subclass's .shape goes through __torch_function__ (~20 us a
-    # read on a slow CPU, three reads a call: more than the decode GEMV itself).
-    in_features = weight._flat_shape[1]
+    # A plain attribute, not .shape: a subclass's .shape goes through __torch_function__ (~20 us
+    # a read on a slow CPU, three reads a call: more than the decode GEMV itself); and the
+    # linear's in_features whatever the parameter's orientation (an HF Conv1D's is [in, out]).
+    in_features = weight._linear_shape[1]
     attributes = (weight.bits, weight.group_size, in_features)
     if chosen == "cpu_int4":
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
@@ -214,7 +216,7 @@ def linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor]) -> torch.Tenso
             return torch.ops.gwq.linear_cpu(x, *args)  # the registered op: traceable, with its autograd formula
         return cpu_layout.run(x, args, cpu_kernel(choice))  # eager inference: the op's body, without the dispatcher's Python hops
     if chosen == "reference":
-        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+        return torch.nn.functional.linear(x, weight.dequantize_rows(None, x.dtype), bias)  # [out, in] whatever the orientation
     stored = weight.stored_fields()
     if chosen == "triton" and x.is_cuda:
         # A triton_op: Inductor sees the Triton kernels inside compiled graphs.  Other devices

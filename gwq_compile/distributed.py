@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gwq_compile import calibration, packing, quantize
+from gwq_compile import calibration, packing, quantize, selection
 from gwq_compile.config import GWQConfig
-from gwq_compile.targets import mark_target, target_modules
+from gwq_compile.targets import is_conv1d, mark_target, target_modules
 from gwq_compile.tensor import GWQTensor
 
 
@@ -171,12 +171,12 @@ def pack_local_rows(targets: list, config: GWQConfig) -> dict[str, tuple]:
     from tqdm.auto import tqdm
 
     if config.outlier_scope == "model":
-        quantize.rank_model_outliers(quantize.ranking_entries([m for _, m in targets]), config, distributed=True)
+        selection.rank_model_outliers(selection.ranking_entries([m for _, m in targets]), config, distributed=True)
     packed = {}
     for name, mod in tqdm(targets, desc="GWQ quantize (rows)", disable=not (config.progress and dist.get_rank() == 0), unit="layer"):
         state = calibration.layer_state(mod.weight)
         local = calibration.local_tensor(mod.weight.detach())
-        mask = quantize.layer_outlier_mask(mod.weight, state, config)
+        mask = selection.layer_outlier_mask(mod.weight, state, config)
         qweight = quantize.quantize_weight(local, mask, config, state.hessian, state.input_sq)
         packed[name] = tuple(qweight.packed())
         state.scores = state.saliency_sum = None
@@ -234,6 +234,9 @@ def quantize_pretrained(model_dir: str | os.PathLike, config: GWQConfig, calibra
     model_dir = Path(model_dir)
     model = load_sharded(model_dir, dtype)
     targets = target_modules(model, config)
+    convs = [name for name, mod in targets if is_conv1d(mod)]
+    if convs:  # FSDP2 shards dim 0: a Conv1D's [in, out] weight would split its inputs, not its output rows
+        raise ValueError(f"distributed GWQ shards output rows, and layer {convs[0]!r} is an HF Conv1D ([in, out] weight): quantize with one process")
     snapshot = calibration.snapshot_and_freeze(model)
     try:
         calibrate(model, config, calibration_data, targets)

@@ -52,7 +52,7 @@ class GWQHfConfig(QuantizationConfigMixin):
     Args:
         config: a :class:`GWQConfig`; or give its fields as keyword arguments (``bits=3, ...``).
         dataset: calibration text for quantize-on-load: ``"default"`` (the embedded
-            ``pydoc_data`` text), ``"wikitext2"``, a text file path, or a ``datasets.Dataset``.
+            ``pydoc_data`` text), a text file path, or a ``datasets.Dataset``.
         tokenizer: tokenizer for the calibration text; default: the model folder's.
         calibration_data: token ids (``[batch, seq]`` LongTensor) used instead of ``dataset``.
         n_samples, seq_len, seed: how many calibration windows of how many tokens
@@ -271,8 +271,8 @@ class GWQHfQuantizer(HfQuantizer):
     # -------------------------------------------------------------------- quantize on load
 
     def _quantize_after_loading(self, model: torch.nn.Module) -> torch.nn.Module:
-        from gwq_compile import eval as gwq_eval
-        from gwq_compile.data import calibration_tokens
+        from gwq_compile.calibration_inputs import context_length
+        from gwq_compile.calibration_text import calibration_tokens
         from gwq_compile.quantize import quantize_
 
         cfg = self.quantization_config
@@ -290,7 +290,7 @@ class GWQHfQuantizer(HfQuantizer):
                         f"quantize-on-load calibrates on text and found no tokenizer in {source!r}: pass "
                         f"GWQHfConfig(tokenizer=...) or GWQHfConfig(calibration_data=token_ids) ({str(err).splitlines()[0]})"
                     ) from err
-            context = gwq_eval.context_length(model)
+            context = context_length(model)
             seq_len = min(cfg.seq_len, context) if context else cfg.seq_len
             ids = calibration_tokens(tokenizer, cfg.dataset, cfg.n_samples, seq_len, cfg.seed)
         quantize_(model, cfg.gwq_config, calibration_data=ids)

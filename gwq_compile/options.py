@@ -1,7 +1,7 @@
 """The allowed values of GWQ's user-facing options, importable without torch or torchao.
 
 The ``gwq`` command builds its parser (and ``gwq --help``) from these, so it starts in a
-fraction of a second; :class:`gwq_compile.GWQConfig` and :mod:`gwq_compile.eval` validate
+fraction of a second; :class:`gwq_compile.GWQConfig` and :mod:`gwq_tools.eval` validate
 against the same tuples.
 """
 

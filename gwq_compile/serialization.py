@@ -10,7 +10,7 @@ A checkpoint is a folder with
   (:data:`STORED_FIELDS`, :mod:`gwq_compile.packing`) under ``x.weight_gwq_compile_<field>``,
   whatever runtime layout the weight had in memory (loading derives the runtime layout of
   the target device again, see :class:`~gwq_compile.tensor.GWQTensor`).  The header metadata holds the format version, the GWQ
-  config, per-layer attributes (bits, group size, shape, dtype), tied aliases and the sha256
+  config, per-layer attributes (bits, group size, shape, dtype; double_quant and transposed, an HF Conv1D's [in, out] weight, when set), tied aliases and the sha256
   of every tensor, so a truncated or altered file is caught before it is used;
 * for transformers models: ``config.json`` with ``quantization_config`` (``quant_method:
   "gwq"``, the GWQ config, the format version), ``generation_config.json``, and the
@@ -121,6 +121,7 @@ def flatten_model(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
                 "bits": t.bits, "group_size": t.group_size, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
                 "codes_shape": list(stored.packed_codes.shape),
                 **({"double_quant": True} if t.double_quant else {}),  # absent otherwise: headers as before
+                **({"transposed": True} if t.transposed else {}),  # an HF Conv1D's [in, out] weight
             }  # fmt: skip
         else:
             tensors[name] = t.detach().cpu().contiguous()
@@ -236,8 +237,10 @@ def gwq_tensor_from_fields(fields: dict[str, torch.Tensor], layer: dict, dtype: 
     double_quant = bool(layer.get("double_quant", False))
     if double_quant:
         values["group_scales"], values["group_zeros"] = packing.decode_grid(values["group_scales"], values["group_zeros"], layer["bits"])
-    packed = packing.PackedWeight(*values.values(), layer["bits"], layer["group_size"], layer["shape"][1], double_quant)
-    return GWQTensor.from_packed(packed, dtype)
+    transposed = bool(layer.get("transposed", False))
+    in_features = layer["shape"][0 if transposed else 1]
+    packed = packing.PackedWeight(*values.values(), layer["bits"], layer["group_size"], in_features, double_quant)
+    return GWQTensor.from_packed(packed, dtype, transposed=transposed)
 
 
 # ----------------------------------------------------------------------------- crash-safe folders

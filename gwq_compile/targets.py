@@ -61,12 +61,13 @@ def is_conv1d(module: torch.nn.Module) -> bool:
 
 
 def target_modules(
-    model: torch.nn.Module, config: GWQConfig, conv1d: bool = False, quantized: bool = False
+    model: torch.nn.Module, config: GWQConfig, conv1d: bool = True, quantized: bool = False
 ) -> list[tuple[str, torch.nn.Module]]:
     """The ``(name, module)`` pairs GWQ quantizes, after the skip rules: the one targeting rule
     (eager ``quantize_``, the backend, FSDP2, the peers).
 
-    Every ``nn.Linear`` (and HF ``Conv1D`` with ``conv1d``, which the backend quantizes) but
+    Every ``nn.Linear`` and HF ``Conv1D`` (unless ``conv1d=False``: FSDP2's row shards of a
+    ``[in, out]`` weight are not output rows) but
     those ``config.skip_modules`` names, the output embedding (``skip_output_embeddings``) and
     layers whose weight a non-linear module shares (with a warning); the output embedding is
     one of them when ``config.head_bits`` is set (tied or not).  Already quantized layers are

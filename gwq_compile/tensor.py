@@ -13,7 +13,11 @@ grid and the outliers in that format and its codes in one of two layouts:
   (``torch.save``) stores those.
 
 ``F.linear`` on a ``GWQTensor`` goes through :func:`gwq_compile.dispatch.linear` (the one
-place that picks the op), ``F.embedding`` dequantizes only the rows it looks up (a tied
+place that picks the op); a *transposed* one (``transposed=True``: an HF ``Conv1D`` weight,
+``[in_features, out_features]`` as that module stores it) runs through ``torch.addmm(b, x, W)``
+and ``x @ W``, which is how ``Conv1D.forward`` uses it.  Its packed data is the same
+``[out, in]`` format as a linear's; only the parameter's shape (and ``dequantize()``) follow
+the module's orientation. ``F.embedding`` dequantizes only the rows it looks up (a tied
 input embedding can share the quantized LM head), and ``.to(dtype)`` / ``.to(device)``
 return a ``GWQTensor`` whose ``dtype`` is what it computes in and returns.  torchao's
 ``TorchAOBaseTensor`` derives flatten/unflatten (so torch.compile sees the inner tensors),
@@ -62,7 +66,7 @@ def default_layout(device: torch.device) -> str:
 
 
 class GWQTensor(TorchAOBaseTensor):
-    """A GWQ-quantized 2-D weight ``[out_features, in_features]``.
+    """A GWQ-quantized 2-D weight ``[out_features, in_features]`` (``[in, out]`` when ``transposed``).
 
     Tensor fields (layout details in :mod:`gwq_compile.packing` and :mod:`gwq_compile.cpu_layout`):
         group_scales (fp16 [N, G]), group_zeros (uint8 [N, G]): the stored group grid.
@@ -74,13 +78,15 @@ class GWQTensor(TorchAOBaseTensor):
     Attributes:
         bits (int), group_size (int, effective, > 0), shape (torch.Size), dtype: the dtype
         ``F.linear`` computes in and ``dequantize()`` returns; double_quant (bool): the grid is
-        stored double-quantized (:mod:`gwq_compile.packing`; in memory it is the same fp16/uint8 grid).
+        stored double-quantized (:mod:`gwq_compile.packing`; in memory it is the same fp16/uint8 grid);
+        transposed (bool): the parameter is ``[in, out]`` (HF ``Conv1D``); every field keeps the
+        linear's ``[out, in]`` orientation.
     """
 
     tensor_data_names = ["group_scales", "group_zeros", "outlier_row_ptr", "outlier_col_idx", "outlier_values"]
     tensor_attribute_names = ["bits", "group_size", "shape", "dtype"]
     optional_tensor_data_names = ["packed_codes", "cpu_int4_codes", "cpu_scales_zeros"]
-    optional_tensor_attribute_names = ["double_quant"]
+    optional_tensor_attribute_names = ["double_quant", "transposed"]
 
     def __new__(
         cls,
@@ -97,6 +103,7 @@ class GWQTensor(TorchAOBaseTensor):
         cpu_int4_codes: Optional[torch.Tensor] = None,
         cpu_scales_zeros: Optional[torch.Tensor] = None,
         double_quant: bool = False,
+        transposed: bool = False,
     ):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=group_scales.device, requires_grad=False)
 
@@ -115,6 +122,7 @@ class GWQTensor(TorchAOBaseTensor):
         cpu_int4_codes: Optional[torch.Tensor] = None,
         cpu_scales_zeros: Optional[torch.Tensor] = None,
         double_quant: bool = False,
+        transposed: bool = False,
     ):
         super().__init__()
         if (packed_codes is None) == (cpu_int4_codes is None) or (cpu_int4_codes is None) != (cpu_scales_zeros is None):
@@ -130,7 +138,10 @@ class GWQTensor(TorchAOBaseTensor):
         self.cpu_int4_codes = cpu_int4_codes
         self.cpu_scales_zeros = cpu_scales_zeros
         self.double_quant = bool(double_quant)
+        self.transposed = bool(transposed)
         self._flat_shape, self._flat_dtype = torch.Size(shape), dtype  # for __tensor_flatten__
+        # The linear's (out_features, in_features), read by the hot path as a plain attribute.
+        self._linear_shape = (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
 
     def __tensor_flatten__(self):
         """torchao's generic flatten, from plain attributes.  A compiled graph's guards call this
@@ -139,25 +150,29 @@ class GWQTensor(TorchAOBaseTensor):
         a SmolLM2 decode step.  Same names in the same order, same metadata."""
         names = list(self.tensor_data_names)
         names += [n for n in self.optional_tensor_data_names if getattr(self, n) is not None]
-        return names, {"bits": self.bits, "group_size": self.group_size, "shape": self._flat_shape, "dtype": self._flat_dtype, "double_quant": self.double_quant}
+        meta = {"bits": self.bits, "group_size": self.group_size, "shape": self._flat_shape, "dtype": self._flat_dtype}
+        return names, {**meta, "double_quant": self.double_quant, "transposed": self.transposed}
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_packed(cls, packed: packing.PackedWeight, dtype: torch.dtype, layout: Optional[str] = None) -> "GWQTensor":
+    def from_packed(cls, packed: packing.PackedWeight, dtype: torch.dtype, layout: Optional[str] = None, transposed: bool = False) -> "GWQTensor":
         """The weight of a stored :class:`~gwq_compile.packing.PackedWeight`, in ``layout``
-        (default: :func:`default_layout` of its device)."""
+        (default: :func:`default_layout` of its device); ``transposed``: as an HF ``Conv1D``'s
+        ``[in, out]`` parameter."""
         layout = layout or default_layout(packed.packed_codes.device)
         if layout not in LAYOUTS:
             raise ValueError(f"GWQTensor layout must be one of {LAYOUTS}, got {layout!r}")
-        shape = torch.Size([packed.packed_codes.shape[0], packed.in_features])
+        n, k = packed.packed_codes.shape[0], packed.in_features
+        shape = torch.Size([k, n] if transposed else [n, k])
         grid_and_outliers = (*packed[1:6], packed.bits, packed.group_size, shape, dtype)
+        flags = {"double_quant": packed.double_quant, "transposed": transposed}
         if layout == "planes":
-            return cls(*grid_and_outliers, packed_codes=packed.packed_codes, double_quant=packed.double_quant)
+            return cls(*grid_and_outliers, packed_codes=packed.packed_codes, **flags)
         if packed.packed_codes.device.type != "cpu":
             raise ValueError(f"the cpu_int4 layout needs CPU tensors, got {packed.packed_codes.device}")
         codes, grid = cpu_layout.pack(packed)
-        return cls(*grid_and_outliers, cpu_int4_codes=codes, cpu_scales_zeros=grid, double_quant=packed.double_quant)
+        return cls(*grid_and_outliers, cpu_int4_codes=codes, cpu_scales_zeros=grid, **flags)
 
     @classmethod
     def from_float(
@@ -173,7 +188,7 @@ class GWQTensor(TorchAOBaseTensor):
         device = torch.device(device) if device is not None else self.device
         packed = self.packed()
         packed = packed._replace(**{f: getattr(packed, f).to(device) for f in packed._fields[:6]})  # the tensors; attributes as they are
-        return GWQTensor.from_packed(packed, dtype or self.dtype, layout)
+        return GWQTensor.from_packed(packed, dtype or self.dtype, layout, self.transposed)
 
     # ------------------------------------------------------------------ views of the data
 
@@ -183,15 +198,24 @@ class GWQTensor(TorchAOBaseTensor):
         return "planes" if self.packed_codes is not None else "cpu_int4"
 
     @property
+    def linear_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``, whatever the parameter's orientation."""
+        return self._linear_shape
+
+    @property
     def in_features(self) -> int:
-        return self.shape[1]
+        return self._linear_shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self._linear_shape[0]
 
     def stored_fields(self) -> tuple[torch.Tensor, ...]:
         """The six tensors of the stored format (``ops.STORED_FIELDS`` order); codes rebuilt exactly
         from the CPU layout when needed."""
         codes = self.packed_codes
         if codes is None:
-            codes = torch.ops.gwq.unpack_cpu_codes(self.cpu_int4_codes, self.bits, self.group_size, self.in_features, self.shape[0])
+            codes = torch.ops.gwq.unpack_cpu_codes(self.cpu_int4_codes, self.bits, self.group_size, self.in_features, self.out_features)
         return (codes, *self._grid_fields())
 
     def cpu_fields(self) -> tuple[torch.Tensor, ...]:
@@ -206,17 +230,21 @@ class GWQTensor(TorchAOBaseTensor):
         return packing.PackedWeight(*self.stored_fields(), self.bits, self.group_size, self.in_features, self.double_quant)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The dense weight (codes dequantized plus outliers), in ``self.dtype`` by default."""
-        return self.dequantize_rows(None, dtype)
+        """The dense weight (codes dequantized plus outliers) in the parameter's shape, in
+        ``self.dtype`` by default."""
+        dense = self.dequantize_rows(None, dtype)
+        return dense.t() if self.transposed else dense
 
     def dequantize_rows(self, rows: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Dense rows ``[len(rows), K]`` of the weight (all rows for ``None``): an embedding lookup."""
+        """Dense output rows ``[len(rows), in_features]`` of the linear (all rows for ``None``;
+        the linear's orientation even when ``transposed``): an embedding lookup."""
         attributes = (self.bits, self.group_size, self.in_features, dtype or self.dtype)
         return torch.ops.gwq.dequantize(self.packed_codes, self.cpu_int4_codes, *self._grid_fields(), rows, *attributes)
 
     def outlier_mask(self) -> torch.Tensor:
-        """Bool ``[N, K]``: True where the weight is kept as an fp16 outlier."""
-        return packing.csr_to_mask(self.outlier_row_ptr, self.outlier_col_idx, tuple(self.shape))
+        """Bool, in the parameter's shape: True where the weight is kept as an fp16 outlier."""
+        mask = packing.csr_to_mask(self.outlier_row_ptr, self.outlier_col_idx, self.linear_shape)
+        return mask.t() if self.transposed else mask
 
     @property
     def num_outliers(self) -> int:
@@ -225,7 +253,7 @@ class GWQTensor(TorchAOBaseTensor):
     def storage_bits(self) -> dict[str, int]:
         """Bits of the stored format, by component (what checkpoints hold and the report counts)."""
         return packing.storage_bits_of(
-            self.shape[0], self.in_features, self.bits, self.group_size, self.num_outliers, self.outlier_col_idx.element_size(), self.double_quant
+            self.out_features, self.in_features, self.bits, self.group_size, self.num_outliers, self.outlier_col_idx.element_size(), self.double_quant
         )
 
     def resident_bytes(self) -> int:
@@ -248,6 +276,8 @@ class GWQTensor(TorchAOBaseTensor):
         for name in self.optional_tensor_data_names:  # a checkpoint of an older gwq-compile
             self.__dict__.setdefault(name, None)
         self.__dict__.setdefault("double_quant", False)
+        self.__dict__.setdefault("transposed", False)
+        self.__dict__.setdefault("_linear_shape", tuple(self._flat_shape))
         if self.packed_codes is not None and default_layout(self.device) == "cpu_int4":
             self.cpu_int4_codes, self.cpu_scales_zeros = cpu_layout.pack(self.packed())
             self.packed_codes = None
@@ -271,6 +301,7 @@ class GWQTensor(TorchAOBaseTensor):
         return (
             f"bits={self.bits}, group_size={self.group_size}, outliers={self.num_outliers}, "
             f"shape={tuple(self.shape)}, code_layout={self.code_layout}" + (", double_quant" if self.double_quant else "")
+            + (", transposed" if self.transposed else "")
         )
 
 
@@ -301,7 +332,38 @@ def _(func, types, args, kwargs):
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if isinstance(x, GWQTensor) or not isinstance(weight, GWQTensor):
         raise NotImplementedError(f"{func}: only a dense input times a GWQTensor weight is supported")
+    if weight.transposed:
+        raise NotImplementedError(
+            f"{func}: this GWQ weight is an HF Conv1D's [in, out] parameter (transposed=True): use torch.addmm(b, x, W) or x @ W"
+        )
     return dispatch.linear(x, weight, bias)
+
+
+def _transposed_weight(func, x, weight) -> "GWQTensor":
+    if isinstance(x, GWQTensor) or not isinstance(weight, GWQTensor) or not weight.transposed:
+        raise NotImplementedError(
+            f"{func}: a GWQTensor is only the right operand of a matmul when it is an HF Conv1D's [in, out] weight "
+            "(transposed=True); a linear's weight goes through F.linear"
+        )
+    return weight
+
+
+@implements_torch_function(torch.addmm)
+def _(func, types, args, kwargs):
+    """``torch.addmm(b, x, W)``, as HF ``Conv1D.forward`` calls it: ``x @ W + b`` through the GWQ linear."""
+    bias, x, weight = args[:3]
+    extra = {**dict(zip(("beta", "alpha"), args[3:])), **kwargs}
+    if extra.get("beta", 1) != 1 or extra.get("alpha", 1) != 1 or extra.get("out") is not None:
+        raise NotImplementedError(f"{func}: only beta=1, alpha=1 and no out= are supported on a GWQTensor")
+    return dispatch.linear(x, _transposed_weight(func, x, weight), bias)
+
+
+@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__])
+def _(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    if kwargs.get("out") is not None:
+        raise NotImplementedError(f"{func}: out= is not supported on a GWQTensor")
+    return dispatch.linear(x, _transposed_weight(func, x, weight), None)
 
 
 @implements(aten.embedding.default)
@@ -314,8 +376,8 @@ def _(func, types, args, kwargs):
             raise NotImplementedError("F.embedding(max_norm=...) renormalises the weight in place: not supported on a GWQTensor")
     else:
         weight, input = args[0], args[1]
-    if not isinstance(weight, GWQTensor) or isinstance(input, GWQTensor):
-        raise NotImplementedError(f"{func}: only integer indices into a GWQTensor weight are supported")
+    if not isinstance(weight, GWQTensor) or isinstance(input, GWQTensor) or weight.transposed:
+        raise NotImplementedError(f"{func}: only integer indices into a (not transposed) GWQTensor weight are supported")
     return weight.dequantize_rows(input.reshape(-1)).view(*input.shape, weight.shape[1])
 
 
@@ -327,7 +389,7 @@ def _(func, types, args, kwargs):
     if device == self.device:
         new = GWQTensor(
             *(getattr(self, n) for n in GWQTensor.tensor_data_names), self.bits, self.group_size, self.shape, dtype,
-            self.packed_codes, self.cpu_int4_codes, self.cpu_scales_zeros, self.double_quant,
+            self.packed_codes, self.cpu_int4_codes, self.cpu_scales_zeros, self.double_quant, self.transposed,
         )  # fmt: skip
     else:
         new = self.to_layout(default_layout(device), device, dtype)

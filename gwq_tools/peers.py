@@ -66,7 +66,7 @@ TORCHAO_ALGORITHMS = ("affine", "hqq_scale_only")
 def quantizable_linear_names(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` except the output head (the same set for every method): GWQ's
     own targeting rule (:func:`gwq_compile.targets.target_modules`) under the default config."""
-    return [name for name, _ in target_modules(model, GWQConfig(), quantized=True)]
+    return [name for name, _ in target_modules(model, GWQConfig(), conv1d=False, quantized=True)]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

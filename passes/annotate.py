@@ -49,7 +49,7 @@ class GWQAnnotation:
 
     Attributes:
         name: the layer's module name.
-        weight: the packed ``[out_features, in_features]`` weight (``GWQTensor``).
+        weight: the layer's ``GWQTensor`` (transposed, ``[in, out]``, for an HF Conv1D).
         layout: the dense weight's layout in the graph, ``"out_in"`` or ``"in_out"`` (Conv1D).
     """
 
@@ -76,8 +76,10 @@ class GWQAnnotation:
         return self.weight.group_zeros
 
     def outlier_mask(self) -> torch.Tensor:
-        """Bool ``[out, in]``, True at the fp16 outliers (built on demand from the CSR fields)."""
-        return self.weight.outlier_mask()
+        """Bool ``[out, in]`` (the linear's orientation, also for a Conv1D), True at the fp16 outliers
+        (built on demand from the CSR fields)."""
+        mask = self.weight.outlier_mask()
+        return mask.t() if self.weight.transposed else mask
 
 
 def input_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]) -> Any:
@@ -110,7 +112,7 @@ def _skip(site: LinearSite, value: Any, quant: ModelQuantization) -> Optional[st
     layer = quant.lookup(value)
     if layer is None:
         return "linear_skipped"
-    if layer.layout != site.layout or tuple(layer.weight.shape) != (site.out_features, site.in_features):
+    if layer.layout != site.layout or layer.weight.linear_shape != (site.out_features, site.in_features):
         return "linear_skipped"  # the weight is read in another orientation than it was calibrated in
     if _dtype_changes(site):
         return "linear_skipped"  # e.g. autocast: gwq.linear returns the input's dtype

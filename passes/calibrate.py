@@ -9,10 +9,10 @@ the original ``nn.Module``, not on the graph:
   ``torch.compile(model)`` returns) or module compiled in place with ``model.compile()``.
 * :func:`calibrate_model` runs the same prepare / forward+backward / convert steps as
   eager :func:`gwq_compile.quantize_` (the same functions, in the same order), so the
-  outlier masks and packed weights are identical to eager GWQ.  ``nn.Linear`` weights are
-  swapped for their ``GWQTensor`` parameters (the dense ones are freed), HF ``Conv1D``
-  weights (``[in, out]``, which ``GWQTensor`` cannot stand in for inside ``Conv1D.forward``)
-  are packed transposed and their dense storage is released.
+  outlier masks and packed weights are identical to eager GWQ.  Every target's weight is
+  swapped for its ``GWQTensor`` parameter (the dense ones are freed): HF ``Conv1D`` weights
+  get a transposed one (``[in, out]``, as ``Conv1D.forward`` uses it), so eager calls, the
+  report and ``save_quantized`` see the same quantized model as the compiled graphs.
 * The result is registered per model (weakly), so later subgraphs, graph breaks and
   recompiles reuse it: calibration never runs twice for one model.
 
@@ -116,7 +116,7 @@ class QuantizedLayer:
 
     Attributes:
         name: module name in the model.
-        weight: the packed ``[out_features, in_features]`` weight (``GWQTensor``).
+        weight: the module's ``GWQTensor`` (transposed, ``[in, out]``, for an HF Conv1D).
         layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (HF Conv1D: the dense weight was ``[in, out]``).
         dense: weak reference to the dense parameter the graphs receive (identity key).
     """
@@ -128,8 +128,9 @@ class QuantizedLayer:
 
     @property
     def outlier_mask(self) -> torch.Tensor:
-        """Bool ``[out_features, in_features]``: the weights kept as fp16 outliers."""
-        return self.weight.outlier_mask()
+        """Bool ``[out_features, in_features]`` (the linear's orientation, also for a Conv1D): the weights kept as fp16 outliers."""
+        mask = self.weight.outlier_mask()
+        return mask.t() if self.weight.transposed else mask
 
 
 @dataclass
@@ -279,47 +280,6 @@ def _calibrate_on_call(model: torch.nn.Module, call: ModelCall, config: GWQConfi
     return kind
 
 
-# ----------------------------------------------------------------------------- converting HF Conv1D
-
-
-def _convert_conv1d(module: torch.nn.Module, name: str, config: GWQConfig) -> Optional[GWQTensor]:
-    """Pack a calibrated Conv1D weight as ``[out, in]``; the same selection and packing as nn.Linear."""
-    weight = module.weight
-    state = calibration.layer_state(weight)
-    if state is None:
-        return None
-    if (config.needs_gradients and state.n_backward == 0) or (config.needs_hessian and state.hessian is None):
-        calibration.release_weight(weight)
-        warnings.warn(f"layer {name!r} received no gradient during calibration; it stays unquantized", stacklevel=4)
-        return None
-    w_out_in = weight.detach().t().contiguous()
-    mask = quantize.layer_outlier_mask(w_out_in, state, config, grad_in_out=True)  # gradients have the weight's [in, out] shape
-    try:
-        quantize.warn_no_input_sq(state, config)
-        packed = quantize.quantize_weight(w_out_in, mask, config, state.hessian, state.input_sq)
-    except ValueError as err:
-        raise ValueError(f"layer {name!r}: {err}") from err
-    calibration.release_weight(weight)
-    return packed
-
-
-def release_dense_storage(param: torch.Tensor) -> bool:
-    """Free the memory of a dense weight but keep its Python object, shape and strides.
-
-    Dynamo's guards check a parameter's metadata, not its storage, so the compiled graphs
-    (which no longer read it) keep running without a recompile.  Refused (False) when
-    the storage is shared with other tensors or cannot be resized (e.g. memory-mapped).
-    """
-    storage = param.untyped_storage()
-    if param.storage_offset() != 0 or storage.nbytes() != param.numel() * param.element_size():
-        return False
-    try:
-        storage.resize_(0)
-    except RuntimeError:
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -389,32 +349,27 @@ def calibrate_model(
 def _calibrate(
     model: torch.nn.Module, config: GWQConfig, calibration_data: Any, call: Optional[ModelCall], exclude: frozenset[int]
 ) -> ModelQuantization:
-    targets = target_modules(model, config, conv1d=True)
-    all_linears = [(n, m) for n, m in targets if isinstance(m, torch.nn.Linear)]
-    all_convs = [(n, m) for n, m in targets if not isinstance(m, torch.nn.Linear)]
-    for name, mod in all_linears + all_convs:
+    all_targets = target_modules(model, config)  # nn.Linear and HF Conv1D
+    for name, mod in all_targets:
         if id(mod.weight) in exclude:
             warnings.warn(
                 f"layer {name!r}: the graph reads its weight other than through a linear gwq.linear can replace; it stays unquantized",
                 stacklevel=4,
             )
-    linears = [(n, m) for n, m in all_linears if id(m.weight) not in exclude]
-    convs = [(n, m) for n, m in all_convs if id(m.weight) not in exclude]
+    targets = [(n, m) for n, m in all_targets if id(m.weight) not in exclude]
     result = ModelQuantization(config)
-    if not linears and not convs:
+    if not targets:
         if not any(isinstance(p, GWQTensor) for p in model.parameters()):  # quiet for an already-quantized model
             warnings.warn("the gwq backend found no linear layer to quantize; the model is compiled unquantized", stacklevel=4)
         return result
-    dense = {name: mod.weight for name, mod in linears + convs}
+    dense = {name: mod.weight for name, mod in targets}
     snapshot = calibration.snapshot_and_freeze(model)
     try:
-        # The same preparation, loss and conversion as eager quantize_ (same order), so the
-        # masks and packed weights are identical to eager GWQ on the same data.
-        for name, mod in linears:
+        # The same preparation, loss and conversion as eager quantize_ (same functions, same
+        # order), so the masks and packed weights are identical to eager GWQ on the same data.
+        for name, mod in targets:
             mark_target(model, name, mod, config)
             quantize.prepare_linear(mod, config)
-        for name, mod in convs:
-            calibration.prepare_weight(mod, name, config)
         if calibration_data is not None:
             calibration.run_calibration(model, calibration_data, backward=config.needs_gradients, progress=config.progress)
             result.calibration_loss = "next_token"
@@ -425,30 +380,18 @@ def _calibrate(
                 f"with the {result.calibration_loss!r} loss (pass options={{'calibration_data': ...}} for real GWQ)",
                 stacklevel=4,
             )
-        _check_some_gradient(linears + convs, config)
-        if config.outlier_scope == "model":  # one ranking over the Linear and Conv1D layers together
-            quantize.rank_model_outliers(
-                quantize.ranking_entries([m for _, m in linears])
-                + [(m.weight.detach().t().contiguous(), calibration.layer_state(m.weight), True) for _, m in convs],
-                config,
-            )
-        if linears:
-            quantize.convert_targets(model, linears, config)
-        packed_convs = {name: _convert_conv1d(mod, name, config) for name, mod in convs}
+        _check_some_gradient(targets, config)
+        quantize.convert_targets(model, targets, config)  # ranks Linear and Conv1D layers together (outlier_scope="model")
     except BaseException:
-        for _, mod in linears + convs:
+        for _, mod in targets:
             calibration.release_weight(mod.weight)
         raise
     finally:
         calibration.restore(model, snapshot)
-    for name, mod in linears:
-        if isinstance(mod.weight, GWQTensor):
-            result.layers[id(dense[name])] = QuantizedLayer(name, mod.weight, LAYOUT_OUT_IN, weakref.ref(dense[name]))
-    for name, mod in convs:
-        if packed_convs[name] is not None:
-            result.layers[id(dense[name])] = QuantizedLayer(name, packed_convs[name], LAYOUT_IN_OUT, weakref.ref(dense[name]))
-            if not release_dense_storage(mod.weight):
-                warnings.warn(f"layer {name!r}: its dense weight shares storage with other tensors and is kept in memory", stacklevel=4)
+    for name, mod in targets:
+        if isinstance(mod.weight, GWQTensor):  # the module holds it now (eager calls, report, save); the graph gets its fields
+            layout = LAYOUT_IN_OUT if mod.weight.transposed else LAYOUT_OUT_IN
+            result.layers[id(dense[name])] = QuantizedLayer(name, mod.weight, layout, weakref.ref(dense[name]))
     return result
 
 

@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 from gwq_compile import GWQConfig, GWQTensor, quantization_report, quantize_
 from gwq_compile.compile_backend import CalibrationData, backend, parse_options, valid_options
-from gwq_compile.eval import logits_of, next_token_nll
+from gwq_compile.calibration import logits_of, next_token_nll
 from gwq_compile.passes import (
     annotate_linears,
     calibrate_model,
@@ -33,7 +33,7 @@ from gwq_compile.passes import (
     rewrite_linears,
     weights_with_other_uses,
 )
-from gwq_compile.quantize import select_outliers
+from gwq_compile.selection import select_outliers
 
 CFG = dict(bits=4, group_size=32, outlier_ratio=0.02, progress=False)
 VOCAB = 64
@@ -496,15 +496,17 @@ def test_annotate_and_rewrite_preserve_the_quantized_model() -> None:
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.gwq.linear_cpu.default) == 5  # CPU weights: the int4 CPU op
     assert all(not n.users for n in baked)  # the dense weights are no longer read
-    assert model.c.weight.untyped_storage().nbytes() == 0  # Conv1D's dense storage was released
+    # the Conv1D holds its quantized weight like the Linears: transposed, in the module's [in, out] shape
+    assert isinstance(model.c.weight, GWQTensor) and model.c.weight.transposed and model.c.weight.shape == (32, 32)
+    assert quant.layers[next(k for k, v in quant.layers.items() if v.name == "c")].weight is model.c.weight
     # the graph now computes what the quantized weights compute in eager mode
     with torch.no_grad():
         (out,) = gm(*example_inputs)
-        wc = {layer.name: layer for layer in quant.layers.values()}["c"].weight.dequantize()
+        wc = model.c.weight.dequantize()  # [in, out], as Conv1D uses it
         wa, wb = model.a.weight.dequantize(), model.b.weight.dequantize()
         y = F.linear(x, wa, model.a.bias)
         y = F.linear(F.linear(y, wb), wb)
-        y = F.linear(y, wc, model.c.bias)
+        y = torch.addmm(model.c.bias, y.view(-1, 32), wc).view(y.shape)
         y = F.linear(y, model.d.weight, model.d.bias)
         y = y @ model.d.weight
         expected = F.linear(y, wa, model.a.bias)
@@ -586,7 +588,7 @@ def test_gpt2_conv1d_layers_are_captured_and_quantized(selection) -> None:
     from transformers.pytorch_utils import Conv1D
 
     from gwq_compile import packing
-    from gwq_compile.quantize import model_outlier_counts
+    from gwq_compile.selection import model_outlier_counts
 
     fp = _hf_small("gpt2", seed=2)
     model = copy.deepcopy(fp)
@@ -600,7 +602,8 @@ def test_gpt2_conv1d_layers_are_captured_and_quantized(selection) -> None:
     quant = model_quantization(model)
     layers = {layer.name: layer for layer in quant.layers.values()}
     assert sorted(layers) == sorted(convs)
-    assert all(m.weight.untyped_storage().nbytes() == 0 for m in convs.values())  # dense storage released
+    # each Conv1D holds its quantized weight (transposed, the module's [in, out] shape): no split brain
+    assert all(isinstance(m.weight, GWQTensor) and m.weight.transposed and m.weight.shape == fp.get_submodule(n).weight.shape for n, m in convs.items())
     # masks: the per-sample |dL/dW| sums of the whole-model next-token loss, by hand
     saliency = {n: 0 for n in convs}
     reference = copy.deepcopy(fp)
@@ -626,5 +629,37 @@ def test_gpt2_conv1d_layers_are_captured_and_quantized(selection) -> None:
     dense_gwq = copy.deepcopy(fp)
     for n, m in dense_gwq.named_modules():
         if n in layers:
-            m.weight = torch.nn.Parameter(layers[n].weight.dequantize().t().contiguous())
+            m.weight = torch.nn.Parameter(layers[n].weight.dequantize())  # [in, out], the Conv1D's own orientation
     assert_within_10_percent(out, _lm_logits(dense_gwq, ids), _lm_logits(fp, ids))
+
+
+def test_gpt2_after_compile_is_one_quantized_model(tmp_path) -> None:
+    """After torch.compile(gpt2, backend="gwq") the Conv1D weights live in the model, not only in
+    the graph: the report counts them, the eager model runs them, save_quantized writes them, and
+    all of it equals eager quantize_ on the same data (the backend calls the same functions)."""
+    from gwq_compile import load_quantized, quantization_report, save_quantized
+
+    fp = _hf_small("gpt2", seed=3)
+    ids = token_ids(2, 16, seed=15, vocab=128)
+    model = copy.deepcopy(fp)
+    compiled = torch.compile(model, backend="gwq", options={**CFG, "calibration_data": ids})
+    out = _lm_logits(compiled, ids)
+    report = quantization_report(model)
+    assert report["quantized_layers"] == 4 and all(r["shape"] == list(fp.get_submodule(n).weight.shape) for n, r in report["layers"].items())
+    eager = eager_gwq(fp, ids)
+    assert_masks_equal(gwq_masks(model), gwq_masks(eager))
+    for name, mod in eager.named_modules():
+        if isinstance(getattr(mod, "weight", None), GWQTensor):
+            mine, theirs = mod.weight.packed(), model.get_submodule(name).weight.packed()
+            assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(mine, theirs)), name
+    with torch.no_grad():
+        own = model(ids).logits  # the eager call of the compiled model's own modules
+        torch.testing.assert_close(own, out, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(own, eager(ids).logits, rtol=0, atol=0)
+    save_quantized(model, tmp_path / "gpt2")
+    import transformers as tf
+
+    for loaded in (load_quantized(copy.deepcopy(fp), tmp_path / "gpt2"), tf.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")):
+        assert loaded.transformer.h[0].attn.c_attn.weight.transposed
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, own, rtol=0, atol=0)

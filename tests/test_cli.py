@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import gwq_compile.cli as cli
+import gwq_tools.cli as cli
 from gwq_compile import GWQConfig, GWQTensor, quantize_, save_quantized
-from gwq_compile.cli import main
+from gwq_tools.cli import main
 from tests.conftest import byte_tokenizer
 from tests.test_eval import TEXT, _tiny_llama
 

@@ -57,7 +57,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, ids: torch.Tens
 
 
 def test_two_gloo_processes_pack_bit_identical_weights(model_dir: Path, tmp_path: Path) -> None:
-    from gwq_compile.models import load_causal_lm
+    from gwq_tools.models import load_causal_lm
 
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     single, _ = load_causal_lm(str(model_dir))

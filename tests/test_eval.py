@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gwq_compile import eval as gwq_eval
-from gwq_compile.cli import main
+from gwq_tools import eval as gwq_eval
+from gwq_tools.cli import main
 from tests.conftest import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")

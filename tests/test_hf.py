@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TorchAoConfig
 import gwq_compile
 from gwq_compile import GWQConfig, GWQHfConfig, GWQTensor, quantize_, save_quantized
 from gwq_compile import serialization as ser
-from gwq_compile.data import calibration_tokens
+from gwq_tools.data import calibration_tokens
 from gwq_compile.hf_quantizer import GWQHfQuantizer
 from tests.conftest import byte_tokenizer, tiny_llama
 from tests.test_serialization import assert_same_model

@@ -28,7 +28,7 @@ def test_gwq_help_imports_no_torch() -> None:
     proc = _run(
         f"""
         import sys
-        from gwq_compile.cli import build_parser
+        from gwq_tools.cli import build_parser
         text = build_parser().format_help()
         assert "quantize" in text and "eval" in text
         print([m for m in {HEAVY!r} if m in sys.modules])
@@ -95,3 +95,21 @@ def test_pytree_enum_deprecation_is_dropped_only_for_torchao_enums() -> None:
     mine = enum.Enum("Mine", "A")
     assert not _passes("torch.utils._pytree", msg, torchao_enum)
     assert _passes("torch.utils._pytree", msg, mine)
+
+
+def test_the_library_never_imports_the_tooling() -> None:
+    """gwq_compile, passes and codegen import nothing from gwq_tools (evaluation, data, models, CLI, peers);
+    only ``python -m gwq_compile`` (the CLI shim, kept for ``torchrun -m gwq_compile``) may."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for folder in ("gwq_compile", "passes", "codegen"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path.name == "__main__.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                offenders += [f"{path.relative_to(root)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "gwq_tools"]
+    assert offenders == []

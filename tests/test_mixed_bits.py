@@ -9,7 +9,7 @@ import torch
 
 from gwq_compile import GWQConfig, GWQTensor, calibration, load_quantized, quantization_report, quantize_, save_quantized
 from gwq_compile.config import mixed_bits_choices
-from gwq_compile.quantize import allocate_layer_bits, ranking_entries, rounding_error
+from gwq_compile.selection import allocate_layer_bits, ranking_entries, rounding_error
 from tests.conftest import tiny_llama
 
 CFG = dict(bits=4, group_size=32, outlier_ratio=0.01, progress=False)
@@ -48,7 +48,7 @@ def test_each_layer_is_quantized_on_its_own_width(llama, token_ids) -> None:
 
 def _prepared(model, token_ids, config):
     quantize_(model, config.replace(step="prepare"))
-    from gwq_compile.eval import logits_of, next_token_nll
+    from gwq_compile.calibration import logits_of, next_token_nll
 
     for row in token_ids:
         next_token_nll(logits_of(model(row[None])), row[None]).backward()

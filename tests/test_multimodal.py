@@ -16,7 +16,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gwq_compile import GWQConfig, GWQTensor, quantize_
-from gwq_compile.eval import logits_of, next_token_nll
+from gwq_compile.calibration import logits_of, next_token_nll
 
 CFG = dict(bits=4, group_size=32, outlier_ratio=0.02, progress=False)
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253

@@ -10,7 +10,7 @@ import torch
 import torchao
 
 from gwq_compile import GWQConfig, GWQTensor, dispatch, grid, gwq_filter, packing, quantization_report, quantize_
-from gwq_compile.eval import logits_of, next_token_nll
+from gwq_compile.calibration import logits_of, next_token_nll
 from tests.conftest import tiny_llama
 
 CFG = dict(bits=3, group_size=64, outlier_ratio=0.02, progress=False)
@@ -129,7 +129,7 @@ def test_grad_error_scores_gradient_times_squared_rounding_error(llama, token_id
 
 def test_grad_error_spends_no_outlier_on_a_weight_already_on_the_grid() -> None:
     from gwq_compile import calibration
-    from gwq_compile.quantize import layer_saliency, select_outliers
+    from gwq_compile.selection import layer_saliency, select_outliers
 
     weight = torch.arange(16.0).repeat(2, 2) / 16  # every weight sits on its group's 4-bit grid (scale 1/16, exact in fp16) ...
     weight[1, 5] += 0.02  # ... but one
@@ -531,3 +531,57 @@ def test_experimental_options_warn_with_the_reason(option) -> None:
 
     with pytest.warns(ExperimentalOptionWarning, match=f"{next(iter(option))}=.*experimental"):
         GWQConfig(**option)
+
+
+# ----------------------------------------------------------------------------- HF Conv1D (GPT-2)
+
+
+def _tiny_gpt2(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1)
+    return tf.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_gpt2_conv1d_layers_go_through_eager_quantize(scope) -> None:
+    """Eager quantize_ quantizes GPT-2's Conv1D layers: each gets a transposed GWQTensor in the
+    module's own [in, out] shape, its outliers are the top |dL/dW| weights (gradients in that
+    layout), and the model computes what its dequantized weights compute."""
+    from transformers.pytorch_utils import Conv1D
+
+    fp = _tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    batches = [ids[:1], ids[1:]]
+    model = copy.deepcopy(fp)
+    grads = {}
+    for row in batches:
+        model.zero_grad()
+        next_token_nll(logits_of(model(row)), row).backward()
+        for n, m in model.named_modules():
+            if isinstance(m, Conv1D):
+                grads[n] = grads.get(n, 0) + m.weight.grad.abs()
+    model.zero_grad()
+    quantize_(model, GWQConfig(**{**CFG, "saliency": "grad", "outlier_scope": scope}), calibration_data=batches)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8 and quantization_report(model)["quantized_layers"] == 8
+    chosen = torch.cat([m.weight.outlier_mask().flatten() for m in convs.values()])
+    scores = torch.cat([grads[n].flatten() for n in convs])
+    for name, mod in convs.items():
+        w = mod.weight
+        assert isinstance(w, GWQTensor) and w.transposed and w.shape == fp.get_submodule(name).weight.shape, name
+        mask, sal = w.outlier_mask(), grads[name]
+        if scope == "layer":  # the layer's top scores, in the [in, out] layout
+            assert sal[mask].min() >= sal[~mask].max() * (1 - 1e-4), name
+    if scope == "model":  # the model's top scores, Conv1D layers ranked together
+        assert scores[chosen].min() >= scores[~chosen].max() * (1 - 1e-4)
+    assert abs(int(chosen.sum()) - round(CFG["outlier_ratio"] * chosen.numel())) <= len(convs)
+    dense = copy.deepcopy(model)
+    for name, mod in dense.named_modules():
+        if isinstance(mod, Conv1D):
+            mod.weight = torch.nn.Parameter(mod.weight.dequantize())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0.05, atol=0.05)  # bf16 compute on the fast path
+        err = (model(ids).logits - fp(ids).logits).norm() / fp(ids).logits.norm()
+    assert 0 < err < 0.2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gwq_compile import ranking
-from gwq_compile.quantize import model_outlier_counts
+from gwq_compile.selection import model_outlier_counts
 
 
 def exact_top_masks(scores: list[torch.Tensor], count: int) -> list[torch.Tensor]:

