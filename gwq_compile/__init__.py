@@ -10,7 +10,7 @@ Example:
     >>> from gwq_compile import GWQConfig, quantize_, quantization_report
     >>> model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 100))
     >>> ids = torch.randint(0, 100, (1, 32))
-    >>> cfg = GWQConfig(bits=4, group_size=32, skip_output_embeddings=False, skip_modules=(), progress=False)
+    >>> cfg = GWQConfig(bits=4, group_size=32, skip_modules=(), progress=False)
     >>> quantize_(model, cfg, calibration_data=ids)
     >>> type(model[1].weight).__name__
     'GWQTensor'

@@ -32,7 +32,7 @@ Example:
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64))
     >>> ids = torch.randint(0, 64, (1, 16))
-    >>> opts = {"group_size": 32, "skip_modules": (), "skip_output_embeddings": False, "progress": False, "calibration_data": ids}
+    >>> opts = {"group_size": 32, "skip_modules": (), "progress": False, "calibration_data": ids}
     >>> compiled = torch.compile(model, backend="gwq", options=opts)     # doctest: +SKIP
     >>> compiled(ids).shape                                              # doctest: +SKIP
     torch.Size([1, 16, 64])

@@ -88,11 +88,14 @@ class GWQConfig(AOBaseConfig):
             act-order (columns visited by decreasing Hessian diagonal, static groups),
             which matters much more than usual on SmolLM2 (see ``benchmarks/results``).
         damp: relative diagonal dampening of the Hessian for ``"hessian"``/``"gptq"``.
-        skip_modules: fnmatch patterns of module names never quantized.
-        skip_output_embeddings: also skip ``model.get_output_embeddings()`` whatever its name.
-        head_bits: ``None`` keeps the output embedding (the LM head) dense; 2, 3, 4 or 8
-            quantize it too, on its own grid (``head_bits``, ``head_group_size``) and whatever
-            ``skip_modules``/``skip_output_embeddings`` say.  An input embedding tied to it
+        skip_modules: the layers never quantized.  ``None`` (the default): the output
+            embedding, the LM head (``model.get_output_embeddings()``, whatever its name; a
+            module named ``lm_head`` in a model without that method), as GPTQ, AWQ and
+            bitsandbytes leave it.  A sequence: exactly those fnmatch patterns of module names
+            (``()`` quantizes every layer, the head on the main grid).
+        head_bits: ``None`` leaves the output embedding to ``skip_modules``; 2, 3, 4 or 8
+            quantize it on its own grid (``head_bits``, ``head_group_size``) whatever
+            ``skip_modules`` says.  An input embedding tied to it
             shares the one quantized weight (lookups dequantize only the rows they read).
             Its outliers come from the same saliency and ranking as every other layer's.
         head_group_size: the head's group size (-1: per output channel).
@@ -129,8 +132,7 @@ class GWQConfig(AOBaseConfig):
     clip_search: bool | str = "act_mse"
     compensation: str = "none"
     damp: float = 0.01
-    skip_modules: tuple[str, ...] = ("lm_head",)
-    skip_output_embeddings: bool = True
+    skip_modules: Optional[tuple[str, ...]] = None
     # head_bits stays None (the LM head dense, as GPTQ/AWQ/bitsandbytes leave it): an opt-in
     # for deployment.  For an 8-bit head, groups of 128 measured best on validation (14.77 vs
     # 14.78 for 64 and 14.86 with the head dense; 4-bit heads 15.01-15.14):
@@ -179,8 +181,11 @@ class GWQConfig(AOBaseConfig):
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"GWQConfig.damp must be in (0, 1), got {self.damp!r}")
         if isinstance(self.skip_modules, str):
-            raise TypeError("GWQConfig.skip_modules must be a sequence of name patterns, not a single string")
-        self.skip_modules = tuple(self.skip_modules)
+            raise TypeError("GWQConfig.skip_modules must be None or a sequence of name patterns, not a single string")
+        if self.skip_modules is not None:
+            self.skip_modules = tuple(self.skip_modules)
+            if not all(isinstance(pattern, str) for pattern in self.skip_modules):
+                raise TypeError(f"GWQConfig.skip_modules must hold name patterns (str), got {self.skip_modules!r}")
 
     def _check_choice(self, name: str, choices: tuple) -> None:
         value = getattr(self, name)
@@ -211,12 +216,14 @@ class GWQConfig(AOBaseConfig):
         """The quantization's fields as plain JSON-able values (what checkpoints record): not
         :data:`RUN_FIELDS`, which describe one run, not the model."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUN_FIELDS}
-        d["skip_modules"] = list(self.skip_modules)
+        d["skip_modules"] = None if self.skip_modules is None else list(self.skip_modules)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GWQConfig":
-        """The config :meth:`to_dict` recorded; :data:`RUN_FIELDS` that older checkpoints recorded are ignored."""
+        """The config :meth:`to_dict` recorded; :data:`RUN_FIELDS` that older checkpoints recorded are
+        ignored, and their ``skip_output_embeddings`` is folded into ``skip_modules``."""
+        d = _legacy_skip_modules(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -225,6 +232,19 @@ class GWQConfig(AOBaseConfig):
 
     def replace(self, **changes) -> "GWQConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _legacy_skip_modules(d: dict) -> dict:
+    """Checkpoints before 2026-12 recorded ``skip_modules`` (default ``["lm_head"]``) and
+    ``skip_output_embeddings`` (default True) side by side.  Both defaults, or no pattern with
+    the flag, mean the head: ``None``; other patterns keep the head by its usual name."""
+    if "skip_output_embeddings" not in d:
+        return d
+    d = dict(d)
+    flag, patterns = d.pop("skip_output_embeddings"), list(d.get("skip_modules") or [])
+    if flag:
+        d["skip_modules"] = None if patterns in ([], ["lm_head"]) else sorted(set(patterns) | {"lm_head"})
+    return d
 
 
 def mixed_bits_choices(bits: int) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ import torch
 from gwq_compile.config import GWQConfig
 from gwq_compile.tensor import GWQTensor
 
-__all__ = ["HEAD_ATTR", "NAME_ATTR", "is_conv1d", "layer_name", "mark_target", "output_head", "target_modules"]
+__all__ = ["HEAD_ATTR", "NAME_ATTR", "is_conv1d", "layer_name", "mark_target", "output_head", "skipped_by_default", "target_modules"]
 
 NAME_ATTR = "_gwq_name"
 HEAD_ATTR = "_gwq_head"  # on the output embedding quantized on the head's grid: the (module, name) of each tied parameter slot
@@ -50,6 +50,13 @@ def output_head(model: torch.nn.Module, config: GWQConfig) -> torch.nn.Linear | 
     return head if isinstance(head, torch.nn.Linear) and not isinstance(head.weight, GWQTensor) else None
 
 
+def skipped_by_default(model: torch.nn.Module) -> tuple[torch.nn.Module | None, tuple[str, ...]]:
+    """What ``skip_modules=None`` leaves dense: ``(output embedding module, name patterns)``; the
+    model's ``get_output_embeddings()`` when it has one, else modules named ``lm_head``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (head, ()) if head is not None else (None, ("lm_head",))
+
+
 def is_conv1d(module: torch.nn.Module) -> bool:
     """An HF ``Conv1D`` (``weight`` ``[in, out]``, ``nf`` outputs; GPT-2), matched by duck type so
     this package does not import transformers for it."""
@@ -67,16 +74,13 @@ def target_modules(
     (eager ``quantize_``, the backend, FSDP2, the peers).
 
     Every ``nn.Linear`` and HF ``Conv1D`` (unless ``conv1d=False``: FSDP2's row shards of a
-    ``[in, out]`` weight are not output rows) but
-    those ``config.skip_modules`` names, the output embedding (``skip_output_embeddings``) and
-    layers whose weight a non-linear module shares (with a warning); the output embedding is
-    one of them when ``config.head_bits`` is set (tied or not).  Already quantized layers are
-    left out unless ``quantized`` (to count what was quantized).
+    ``[in, out]`` weight are not output rows) but those ``config.skip_modules`` skips (by default
+    the output embedding) and layers whose weight a non-linear module shares (with a warning);
+    the output embedding is one of them when ``config.head_bits`` is set (tied or not).  Already
+    quantized layers are left out unless ``quantized`` (to count what was quantized).
     """
     head = output_head(model, config)
-    output_embeddings = None
-    if config.skip_output_embeddings and hasattr(model, "get_output_embeddings"):
-        output_embeddings = model.get_output_embeddings()
+    output_embeddings, patterns = skipped_by_default(model) if config.skip_modules is None else (None, config.skip_modules)
     tied = _tied_to_other_modules(model)
     targets = []
     for name, mod in model.named_modules():
@@ -88,7 +92,7 @@ def target_modules(
         if mod is head:
             targets.append((label, mod))
             continue
-        if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in config.skip_modules):
+        if mod is output_embeddings or any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
             continue
         if id(mod.weight) in tied:
             warnings.warn(f"layer {name!r} shares its weight with {tied[id(mod.weight)]!r}; it is not quantized (tied weights are never untied)", stacklevel=3)

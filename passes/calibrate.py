@@ -30,7 +30,7 @@ Example:
     >>> from gwq_compile import GWQConfig
     >>> from gwq_compile.passes.calibrate import calibrate_model
     >>> model = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.Linear(32, 50))
-    >>> cfg = GWQConfig(bits=4, group_size=32, skip_modules=(), skip_output_embeddings=False, progress=False)
+    >>> cfg = GWQConfig(bits=4, group_size=32, skip_modules=(), progress=False)
     >>> quant = calibrate_model(model, cfg, torch.randint(0, 50, (1, 16)))
     >>> sorted(quant.names()), type(model[1].weight).__name__
     (['1'], 'GWQTensor')

@@ -133,7 +133,7 @@ FRESH_PROCESS = textwrap.dedent(
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
     options = {"bits": 4, "group_size": 32, "outlier_ratio": 0.02, "progress": False,
-               "skip_modules": (), "skip_output_embeddings": False, "calibration_data": ids}
+               "skip_modules": (), "calibration_data": ids}
     imported_before = "gwq_compile" in sys.modules
     compiled = torch.compile(model, backend="gwq", options=options)
     with torch.no_grad():

@@ -202,7 +202,7 @@ def test_torchao_path_ranks_the_model(llama, token_ids, filters: str) -> None:
     every_linear = filters == "none"
     if every_linear:  # the one-shot API on the same layers: the LM head too (untied: one grid for one weight)
         llama = tiny_llama(tie=False)
-        cfg = cfg.replace(skip_modules=(), skip_output_embeddings=False)
+        cfg = cfg.replace(skip_modules=())
     reference = copy.deepcopy(llama)
     quantize_(reference, cfg, calibration_data=ids)
     prepare = cfg.replace(step="prepare")
@@ -255,7 +255,7 @@ def test_tied_linears_are_quantized_once() -> None:
     a, b = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False)
     b.weight = a.weight
     model = torch.nn.Sequential(torch.nn.Embedding(50, 32), a, torch.nn.ReLU(), b, torch.nn.Linear(32, 50))
-    quantize_(model, GWQConfig(bits=4, group_size=32, progress=False, skip_output_embeddings=False, skip_modules=()),
+    quantize_(model, GWQConfig(bits=4, group_size=32, progress=False, skip_modules=()),
               calibration_data=torch.randint(0, 50, (1, 20)))  # fmt: skip
     assert isinstance(a.weight, GWQTensor) and a.weight is b.weight
 
@@ -263,14 +263,14 @@ def test_tied_linears_are_quantized_once() -> None:
 def test_lm_head_tied_to_embedding_is_never_untied(token_ids) -> None:
     model = tiny_llama(tie=True)
     with pytest.warns(UserWarning, match="lm_head"):
-        quantize_(model, GWQConfig(**CFG, skip_modules=(), skip_output_embeddings=False), calibration_data=token_ids[:1])
+        quantize_(model, GWQConfig(**CFG, skip_modules=()), calibration_data=token_ids[:1])
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not isinstance(model.lm_head.weight, GWQTensor)
 
 
 def test_untied_lm_head_can_be_quantized(token_ids) -> None:
     model = tiny_llama(tie=False)
-    quantize_(model, GWQConfig(**CFG, skip_modules=(), skip_output_embeddings=False), calibration_data=token_ids[:1])
+    quantize_(model, GWQConfig(**CFG, skip_modules=()), calibration_data=token_ids[:1])
     assert isinstance(model.lm_head.weight, GWQTensor)
 
 
@@ -585,3 +585,65 @@ def test_gpt2_conv1d_layers_go_through_eager_quantize(scope) -> None:
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=0.05, atol=0.05)  # bf16 compute on the fast path
         err = (model(ids).logits - fp(ids).logits).norm() / fp(ids).logits.norm()
     assert 0 < err < 0.2
+
+
+# ----------------------------------------------------------------------------- skip_modules
+
+
+class _NamedHead(torch.nn.Module):
+    """An LM whose output embedding is not called lm_head (GPT-NeoX's embed_out, InternLM's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid, self.embed_out = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 50)
+        self.lm_head = torch.nn.Linear(32, 32)  # a layer that is *not* the output embedding, despite its name
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.embed_out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_out(self.lm_head(torch.relu(self.mid(self.emb(ids)))))
+
+
+@pytest.mark.parametrize(
+    "skip, dense",
+    [(None, {"embed_out"}), ((), set()), (("mid",), {"mid"}), (("embed_*", "lm_*"), {"embed_out", "lm_head"})],
+)
+def test_skip_modules_is_the_one_skip_rule(skip, dense) -> None:
+    model = _NamedHead()
+    quantize_(model, GWQConfig(bits=4, group_size=32, progress=False, skip_modules=skip), calibration_data=torch.randint(0, 50, (1, 20)))
+    left = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not isinstance(m.weight, GWQTensor)}
+    assert left == dense
+
+
+def test_skip_modules_default_without_output_embeddings_skips_lm_head_by_name() -> None:
+    model = torch.nn.Sequential()
+    model.add_module("emb", torch.nn.Embedding(50, 32))
+    model.add_module("mid", torch.nn.Linear(32, 32))
+    model.add_module("lm_head", torch.nn.Linear(32, 50))
+    quantize_(model, GWQConfig(bits=4, group_size=32, progress=False), calibration_data=torch.randint(0, 50, (1, 20)))
+    assert isinstance(model.mid.weight, GWQTensor) and not isinstance(model.lm_head.weight, GWQTensor)
+
+
+@pytest.mark.parametrize(
+    "recorded, skip",
+    [
+        ({"skip_modules": ["lm_head"], "skip_output_embeddings": True}, None),  # the old defaults
+        ({"skip_modules": [], "skip_output_embeddings": True}, None),
+        ({"skip_modules": [], "skip_output_embeddings": False}, ()),
+        ({"skip_modules": ["mid"], "skip_output_embeddings": True}, ("lm_head", "mid")),
+        ({"skip_modules": ["mid"], "skip_output_embeddings": False}, ("mid",)),
+    ],
+)
+def test_checkpoint_configs_with_the_old_skip_pair_read_back(recorded, skip) -> None:
+    config = GWQConfig.from_dict({**GWQConfig(progress=False).to_dict(), **recorded})
+    assert config.skip_modules == skip
+    assert GWQConfig.from_dict(config.to_dict()) == config
+
+
+def test_bad_skip_modules() -> None:
+    with pytest.raises(TypeError, match="single string"):
+        GWQConfig(skip_modules="lm_head")
+    with pytest.raises(TypeError, match="name patterns"):
+        GWQConfig(skip_modules=(1,))

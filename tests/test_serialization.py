@@ -86,7 +86,7 @@ def test_plain_module_round_trip_on_meta(tmp_path) -> None:
     torch.manual_seed(0)
     model = build()
     ids = torch.randint(0, 50, (1, 24))
-    quantize_(model, GWQConfig(group_size=32, skip_modules=(), skip_output_embeddings=False, progress=False), calibration_data=ids)
+    quantize_(model, GWQConfig(group_size=32, skip_modules=(), progress=False), calibration_data=ids)
     save_quantized(model, tmp_path / "ck")
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [ser.WEIGHTS_FILE]
     with torch.device("meta"):
