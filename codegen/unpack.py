@@ -18,7 +18,7 @@ The helpers call only triton *builtins* (tl.load, tl.join, tl.reduce, ...), neve
 decorated for the compiler or the interpreter once, when triton is imported, and a
 kernel of the other mode cannot call them.  Keeping to builtins lets the launcher run an
 interpreted copy of these modules on CPU tensors in a process whose triton was imported
-for the GPU (see :func:`gwq_compile.codegen.launch.kernel_modules`).
+for the GPU (see :func:`gwq_compile.codegen.kernel_modules.kernel_modules`).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gwq_compile import dispatch, packing
-from gwq_compile.codegen import launch
+from gwq_compile.codegen import kernel_modules, launch
 from gwq_compile.tensor import GWQTensor
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +196,7 @@ def test_every_format(bits: int, group_size: int, path: str) -> None:
 
 def _candidates(family: str) -> list:
     module = {"gemv": "gemv", "dense": "dequant"}[family]
-    return launch.kernel_modules(interpret=ON_CPU).__dict__[module].configs(interpreted=False)
+    return kernel_modules.kernel_modules(interpret=ON_CPU).__dict__[module].configs(interpreted=False)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ def test_dense_program_writes_only_its_tile(bits: int) -> None:
     race on another's cells, whatever order a GPU runs them in (the interpreter runs
     them one after another, so a full-grid result alone could not show that)."""
     p = make_weight(40, 150, bits, 32, density=0.2, seed=bits, dense_col=True)
-    mod = launch.kernel_modules(interpret=ON_CPU).dequant
+    mod = kernel_modules.kernel_modules(interpret=ON_CPU).dequant
     cfg = dict(BLOCK_N=16, BLOCK_K=32, K_TILES=2)
     w = torch.full((40, 150), float("nan"), device=DEVICE)
     plane1 = packing.plane_offsets(150, bits)[1] if bits == 3 else 0
@@ -438,7 +438,7 @@ def test_bad_arguments_name_the_argument(case: str, error: type, match: str) -> 
 @pytest.mark.parametrize("block_m", [1, 4, 8, 16])
 @pytest.mark.parametrize("n, k, group_size", [(4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 48), (10, 20, 20)])
 def test_gemv_pruner(block_m: int, n: int, k: int, group_size: int) -> None:
-    gemv = launch.kernel_modules(interpret=ON_CPU).gemv
+    gemv = kernel_modules.kernel_modules(interpret=ON_CPU).gemv
     configs = gemv.configs(interpreted=False)
     kept = gemv.prune(configs, n, k, block_m, group_size)
     assert kept and all(c in configs for c in kept)
@@ -453,7 +453,7 @@ def test_gemv_pruner(block_m: int, n: int, k: int, group_size: int) -> None:
 def test_gemv_default_is_one_launch_that_fills_the_gpu(block_m: int, n: int, k: int) -> None:
     """The untuned GEMV config on a GPU (what a traced decode step gets when no eager call
     tuned it) stores directly (no split-K memset/cast) with >= 256 programs (2 per SM)."""
-    gemv = launch.kernel_modules(interpret=ON_CPU).gemv
+    gemv = kernel_modules.kernel_modules(interpret=ON_CPU).gemv
     cfg = gemv.default_config(n, k, block_m, 128, interpreted=False)
     assert cfg.kwargs["SPLIT_K"] == 1
     assert -(-n // cfg.kwargs["BLOCK_N"]) >= 256
@@ -461,7 +461,7 @@ def test_gemv_default_is_one_launch_that_fills_the_gpu(block_m: int, n: int, k: 
 
 
 def test_interpreter_uses_one_config() -> None:
-    mods = launch.kernel_modules(interpret=True)
+    mods = kernel_modules.kernel_modules(interpret=True)
     assert mods.gemv.INTERPRETED and mods.dequant.INTERPRETED and mods.unpack.INTERPRETED
     assert len(mods.gemv.configs()) == 1 and len(mods.dequant.configs()) == 1
     assert len(mods.gemv.configs(interpreted=False)) > 1 and len(mods.dequant.configs(interpreted=False)) > 1
@@ -480,7 +480,8 @@ def test_import_is_light() -> None:
     code = (
         "import sys, torch\n"
         "import gwq_compile, gwq_compile.codegen, gwq_compile.codegen.launch\n"
-        "assert not [m for m in sys.modules if m.startswith('gwq_compile.codegen.') and m != 'gwq_compile.codegen.launch']\n"
+        "loaders = ('gwq_compile.codegen.launch', 'gwq_compile.codegen.kernel_modules')\n"
+        "assert not [m for m in sys.modules if m.startswith('gwq_compile.codegen.') and m not in loaders]\n"
         "assert not torch.cuda.is_initialized()\n"
         "print('ok')\n"
     )
@@ -523,7 +524,7 @@ def test_cpu_kernels_leave_triton_mode_alone() -> None:
     def _probe(x_ptr):
         pass
 
-    assert (not isinstance(_probe, triton.runtime.jit.JITFunction)) == launch.triton_interpreting()
+    assert (not isinstance(_probe, triton.runtime.jit.JITFunction)) == kernel_modules.triton_interpreting()
 
 
 def test_process_started_with_triton_interpret() -> None:
@@ -531,8 +532,8 @@ def test_process_started_with_triton_interpret() -> None:
     code = (
         "import torch\n"
         "from gwq_compile import packing\n"
-        "from gwq_compile.codegen import launch\n"
-        "assert launch.triton_interpreting()\n"
+        "from gwq_compile.codegen import kernel_modules, launch\n"
+        "assert kernel_modules.triton_interpreting()\n"
         "w = torch.randn(20, 70); mask = torch.rand_like(w) < 0.05\n"
         "p = packing.quantize_weight(w, mask, bits=3, group_size=32)\n"
         "ref = packing.dequantize_weight(p)\n"
@@ -541,7 +542,7 @@ def test_process_started_with_triton_interpret() -> None:
         "    y = launch.gwq_linear_triton(x, *p[:6], None, 3, 32, 70)\n"
         "    torch.testing.assert_close(y, x @ ref.T, rtol=1e-5, atol=1e-5)\n"
         "import sys\n"
-        "assert launch.kernel_modules(True).gemv is sys.modules['gwq_compile.codegen.gemv']\n"
+        "assert kernel_modules.kernel_modules(True).gemv is sys.modules['gwq_compile.codegen.gemv']\n"
         "print('ok')\n"
     )
     proc = _python(code, TRITON_INTERPRET="1")

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from gwq_compile import packing
-from gwq_compile.codegen import launch
+from gwq_compile.codegen import kernel_modules, launch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -75,7 +75,7 @@ def _fresh_choices(monkeypatch):
 def test_config_is_chosen_once_per_shape(monkeypatch) -> None:
     """The family's default/candidates are consulted on the first call of a shape only;
     later calls of that shape are a dict lookup, and a new shape gets its own entry."""
-    gemv = launch.kernel_modules(interpret=DEVICE.type == "cpu").gemv
+    gemv = kernel_modules.kernel_modules(interpret=DEVICE.type == "cpu").gemv
     calls = []
     original = gemv.default_config
     monkeypatch.setattr(gemv, "default_config", lambda *a, **kw: calls.append(a) or original(*a, **kw))
