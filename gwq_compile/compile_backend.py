@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -48,6 +47,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from gwq_compile import torch_internals
 from gwq_compile.config import GWQConfig, config_fields
 from gwq_compile.passes import (
     annotate_linears,
@@ -152,31 +152,11 @@ def _wrap_pending_compiles() -> None:
     compiled but not yet run still holds its raw tensor, which the next recompile-reason
     check would compare with ``==``.
     """
-    from torch._dynamo import eval_frame
-
-    for wrapper in list(getattr(eval_frame, "cached_backends", {}).values()):
-        if getattr(wrapper, "compiler_fn", None) is gwq_backend:
-            _wrap_calibration_option(getattr(wrapper, "kwargs", {}).get("options"))
+    for options in torch_internals.pending_compile_options(gwq_backend):
+        _wrap_calibration_option(options)
 
 
 # ----------------------------------------------------------------------------- the pipeline
-
-
-def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: Optional[str]) -> Callable:
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = list_mode_options(mode) if mode else {}
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
-
-
-def _inlines_nn_modules() -> bool:
-    # Without inlining, nn.Linear layers reach the backend as opaque call_module nodes.  The
-    # flag can be turned off up to torch 2.12; torch 2.13 deprecates it (always on) and warns
-    # when it is read.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return bool(getattr(torch._dynamo.config, "inline_inbuilt_nn_modules", True))
 
 
 def compile_graph(
@@ -195,10 +175,12 @@ def compile_graph(
     Example:
         >>> compiled_fn = compile_graph(gm, example_inputs, GWQConfig(), calibration_data=ids)  # doctest: +SKIP
     """
-    if not _inlines_nn_modules():
+    if not torch_internals.inlines_nn_modules():
         raise ValueError("the gwq backend needs torch._dynamo.config.inline_inbuilt_nn_modules = True (the default)")
     sites = capture_linears(gm)
-    call = find_model_call(model)
+    # The stack walk finds the compiled module and its call's inputs; with both the model and the
+    # calibration data given there is nothing to find.
+    call = None if (model is not None and calibration_data is not None) else find_model_call(model)
     root = model if model is not None else (call.model if call is not None else None)
     if root is None:
         raise ValueError(
@@ -212,7 +194,7 @@ def compile_graph(
     guard_baked_weights(baked)
     _check_no_dense_read_of_swapped_weights(gm, example_inputs, quant)
     counters["gwq"]["graphs_compiled"] += 1
-    return _inductor(gm, example_inputs, mode)
+    return torch_internals.inductor(gm, example_inputs, mode)
 
 
 def _check_no_dense_read_of_swapped_weights(gm: fx.GraphModule, example_inputs: Sequence[Any], quant: Any) -> None:
@@ -245,7 +227,8 @@ class GWQBackend:
         self.config = config
         self.calibration_data = calibration_data.data if isinstance(calibration_data, CalibrationData) else calibration_data
         self.mode = mode
-        model = getattr(model, "_orig_mod", model)  # an OptimizedModule: the module it wraps
+        if model is not None:  # torch.compile(model)'s wrapper: the module it wraps
+            model = torch_internals.compiled_module(model) or model
         # Weak: torch._dynamo keeps backends alive until reset(), the model must not be.
         self._model = weakref.ref(model) if model is not None else None
 

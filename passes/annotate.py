@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from gwq_compile import torch_internals
 from gwq_compile.passes.calibrate import ModelQuantization
 from gwq_compile.passes.capture import LAYOUT_IN_OUT, LAYOUT_OUT_IN, LinearSite, meta_value, weights_with_other_uses
 from gwq_compile.tensor import GWQTensor
@@ -88,8 +89,6 @@ def input_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]
     Placeholders line up with ``example_inputs``; Dynamo also keeps the real value in
     ``meta["grapharg"]``, used when the example inputs are fake.
     """
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if node.op == "get_attr":
         obj: Any = gm
         for part in str(node.target).split("."):
@@ -99,8 +98,8 @@ def input_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]
         return None
     index = next(i for i, n in enumerate(gm.graph.find_nodes(op="placeholder")) if n is node)
     value = example_inputs[index] if index < len(example_inputs) else None
-    if value is None or isinstance(value, FakeTensor):
-        grapharg = node.meta.get("grapharg")
+    if value is None or torch_internals.is_fake(value):
+        grapharg = node.meta.get("grapharg")  # set by Dynamo (torch_internals.DYNAMO_ATTRIBUTES)
         value = getattr(grapharg, "example", None) if grapharg is not None else None
     return value
 

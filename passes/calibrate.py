@@ -50,7 +50,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
-from gwq_compile import calibration, quantize
+from gwq_compile import calibration, quantize, torch_internals
 from gwq_compile.config import GWQConfig
 from gwq_compile.targets import mark_target, target_modules
 from gwq_compile.calibration import logits_of, next_token_nll
@@ -77,13 +77,8 @@ def _frame_call(frame: Any) -> Optional[ModelCall]:
     args, kwargs = local.get("args", ()), local.get("kwargs", {})
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         return None
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if isinstance(owner, OptimizedModule):
-        return ModelCall(owner._orig_mod, args, dict(kwargs))
-    if isinstance(owner, torch.nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
-        return ModelCall(owner, args, dict(kwargs))  # model.compile(): compiled in place
-    return None
+    model = torch_internals.compiled_module(owner)  # torch.compile(model)'s wrapper, or model.compile()
+    return None if model is None else ModelCall(model, args, dict(kwargs))
 
 
 def find_model_call(model: Optional[torch.nn.Module] = None) -> Optional[ModelCall]:
@@ -172,35 +167,13 @@ def model_quantization(model: torch.nn.Module) -> Optional[ModelQuantization]:
 
 
 @contextlib.contextmanager
-def _not_compiling() -> Iterator[None]:
-    # Recent torch (2.13 here) holds torch.compiler.is_compiling() True for the whole compile
-    # session, backend included, and models (HF among them) take other code paths then.  Calibration must run the
-    # model exactly as eager quantize_ does, so the flag is cleared while it runs.
-    flag = getattr(torch.compiler, "_is_compiling_flag", None)
-    if flag is None:
-        yield
-        return
-    torch.compiler._is_compiling_flag = False
-    try:
-        yield
-    finally:
-        torch.compiler._is_compiling_flag = flag
-
-
-@contextlib.contextmanager
 def eager_context() -> Iterator[None]:
     """Run real eager PyTorch from inside a Dynamo backend call.
 
     No fake mode, no tracing context, gradients allowed (even if the compiled model was
     called under ``no_grad`` or ``inference_mode``), and ``is_compiling()`` False.
     """
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(unset_fake_temporarily())
-        stack.enter_context(torch._guards.tracing(None))
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(_not_compiling())
+    with torch_internals.outside_tracing(), torch.inference_mode(False), torch_internals.not_compiling():
         yield
 
 
@@ -211,14 +184,14 @@ def _uncompiled(model: torch.nn.Module) -> Iterator[None]:
     Calibration runs the model from inside the backend; a module compiled in place would
     send that call straight back into torch.compile (and this backend) otherwise.
     """
-    compiled = {m: m._compiled_call_impl for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    compiled = {m: torch_internals.compiled_call(m) for m in model.modules() if torch_internals.compiled_call(m) is not None}
     for m in compiled:
-        m._compiled_call_impl = None
+        torch_internals.set_compiled_call(m, None)
     try:
         yield
     finally:
         for m, impl in compiled.items():
-            m._compiled_call_impl = impl
+            torch_internals.set_compiled_call(m, impl)
 
 
 def _clone_inputs(tree: Any) -> Any:
@@ -337,7 +310,7 @@ def calibrate_model(
     _RUNNING.add(model)
     try:
         with eager_context(), _uncompiled(model):
-            result = torch._dynamo.disable(_calibrate)(model, config, calibration_data, call, exclude)
+            result = torch.compiler.disable(_calibrate)(model, config, calibration_data, call, exclude)
     finally:
         _RUNNING.discard(model)
     _MODELS[model] = result

@@ -33,12 +33,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+from gwq_compile import torch_internals
+
 aten = torch.ops.aten
 
 LAYOUT_OUT_IN = "out_in"  # nn.Linear: W is [out_features, in_features]
 LAYOUT_IN_OUT = "in_out"  # HF Conv1D: W is [in_features, out_features]
 
-_LINEAR_TARGETS = {F.linear, torch._C._nn.linear, aten.linear.default}
+_LINEAR_TARGETS = {F.linear, torch_internals.resolve("torch._C._nn.linear"), aten.linear.default}
 _ADDMM_TARGETS = {torch.addmm, aten.addmm.default}
 _MM_TARGETS = {torch.mm, aten.mm.default}
 _MATMUL_TARGETS = {torch.matmul, operator.matmul, aten.matmul.default}

@@ -40,13 +40,13 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from gwq_compile import dispatch
+from gwq_compile import dispatch, torch_internals
 from gwq_compile.passes.annotate import META_KEY, GWQAnnotation
 from gwq_compile.passes.capture import LinearSite, match_linear, meta_value
 
@@ -63,22 +63,19 @@ def _buffer_prefix(gm: fx.GraphModule, name: str) -> str:
 def _fake_mode(gm: fx.GraphModule) -> Any:
     """The fake mode the graph's example values live in (None for a plain traced graph)."""
     values = [meta_value(n) for n in gm.graph.find_nodes(op="placeholder")]
-    return torch._guards.detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    return torch_internals.fake_mode_of([v for v in values if isinstance(v, torch.Tensor)])
 
 
 def _register_packed(gm: fx.GraphModule, annotation: GWQAnnotation) -> tuple[Any, list[str]]:
     """Register the tensors the weight's op reads as buffers (with Dynamo sources when needed);
     return the op and the buffers' names."""
-    from torch._dynamo.source import ConstantSource
-
     prefix = _buffer_prefix(gm, annotation.name)
     names = []
     op, tensors = dispatch.graph_op(annotation.weight)
     for field, tensor in tensors.items():
         name = f"{prefix}_{field}"
         gm.register_buffer(name, tensor)
-        if hasattr(gm, "_param_name_to_source"):
-            gm._param_name_to_source[name] = ConstantSource(name)
+        torch_internals.register_constant_source(gm, name)
         names.append(name)
     return op, names
 
@@ -150,39 +147,16 @@ def guard_baked_weights(weight_nodes: list[fx.Node]) -> int:
 
     Returns the number of guards added (0 outside Dynamo, e.g. for a traced module).
     """
-    from torch._dynamo.guards import GuardBuilder
-
-    context = torch._guards.TracingContext.try_get()
-    if context is None:
-        return 0
     guards = {}
     for node in weight_nodes:
-        source = _source(node)
+        source = torch_internals.node_source(node)
         if source is None:
             continue
         guards[source] = None
-        owner = _module_local(source)
+        owner = torch_internals.module_local(source)
         if owner is not None:
             guards[owner] = None
-    for source in guards:
-        context.guards_context.dynamo_guards.add(source.make_guard(GuardBuilder.ID_MATCH))
+    if not torch_internals.add_id_match_guards(list(guards)):
+        return 0
     counters["gwq"]["weights_guarded"] += len(weight_nodes)
     return len(guards)
-
-
-def _source(node: fx.Node) -> Optional[Any]:
-    source = getattr(node, "_dynamo_source", None)
-    if source is None:
-        source = getattr(node.meta.get("grapharg"), "source", None)
-    return source
-
-
-def _module_local(source: Any) -> Optional[Any]:
-    """The frame-local source an ``L['self']._modules[...]._parameters[...]`` chain starts from."""
-    from torch._dynamo.source import LocalSource
-
-    through_module = False
-    while source is not None and not isinstance(source, LocalSource):
-        through_module = through_module or "NNModule" in type(source).__name__
-        source = getattr(source, "base", None)
-    return source if through_module else None
