@@ -18,7 +18,8 @@ linears, calibrate the *whole model* once (the model is found on the call stack,
 as ``model=``), annotate, rewrite them to ``torch.ops.gwq.linear`` on packed weights, then
 Inductor.  After the first graph the model's ``nn.Linear`` weights are ``GWQTensor``
 parameters (dense weights freed), so graphs traced later (graph breaks, recompiles for
-new shapes) reuse the quantized weights and never recalibrate.
+new shapes) reuse the quantized weights and never recalibrate; annotate and rewrite give
+their linears the same explicit op on those weights' packed fields.
 
 Calibration tensors in ``options``: ``torch.compile`` keeps the options dict and, when it
 looks for a reason to recompile, compares the options of two compiled models with ``==``,

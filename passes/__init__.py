@@ -6,7 +6,8 @@
    recompile), whole-model forward+backward for the gradient saliency, then the same
    selection and packing as eager ``quantize_``.
 3. :mod:`~gwq_compile.passes.annotate`: ``node.meta["gwq"]`` = outlier mask and grid of
-   each captured linear whose weight was quantized.
+   each captured linear whose weight was quantized, in this graph's calibration or before
+   (a ``GWQTensor`` parameter: every later graph, or a model quantized before compiling).
 4. :mod:`~gwq_compile.passes.rewrite`: each annotated linear becomes
    ``torch.ops.gwq.linear`` on packed weights held as GraphModule buffers.
 

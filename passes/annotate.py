@@ -7,10 +7,16 @@ CSR fields are the outlier mask and whose ``group_scales``/``group_zeros`` are t
 quantization grid.  Nothing in the graph changes here; :mod:`~gwq_compile.passes.rewrite`
 acts on the annotations.
 
-Sites that are left alone, and why, are counted in ``counters["gwq"]``:
-``linear_skipped`` (the weight is not a quantized target, e.g. ``lm_head``),
-``linear_prequantized`` (the weight already is a ``GWQTensor``: Dynamo traced the quantized
-module, the op in the graph already dispatches to ``torch.ops.gwq.linear``).
+A site whose weight input already *is* a ``GWQTensor`` is annotated with that tensor: every
+graph after the first one that calibrated the model (a graph break's next graph, a
+recompile for new shapes) reads the module's quantized parameter, and so does a model
+quantized with ``quantize_`` before it was compiled.  These are also counted as
+``linear_prequantized``, so every graph gets the same explicit op and baked fields, not
+only the first.
+
+Sites that are left alone are counted as ``linear_skipped``: the weight is not a quantized
+target (e.g. ``lm_head``), or it is read in another orientation or shape than its layer's,
+or the linear changes the dtype (autocast).
 
 Example:
     >>> import torch, weakref
@@ -104,18 +110,21 @@ def input_value(gm: fx.GraphModule, node: fx.Node, example_inputs: Sequence[Any]
     return value
 
 
-def _skip(site: LinearSite, value: Any, quant: ModelQuantization) -> Optional[str]:
-    """Why ``site`` is not quantized (a counter name), or None if it is."""
-    if isinstance(value, GWQTensor):
-        return "linear_prequantized"
-    layer = quant.lookup(value)
-    if layer is None:
-        return "linear_skipped"
-    if layer.layout != site.layout or layer.weight.linear_shape != (site.out_features, site.in_features):
-        return "linear_skipped"  # the weight is read in another orientation than it was calibrated in
+def _annotation(site: LinearSite, value: Any, quant: ModelQuantization) -> Optional[GWQAnnotation]:
+    """The annotation of ``site``, or None when it is left alone (counted as ``linear_skipped``)."""
+    if isinstance(value, GWQTensor):  # the module's quantized parameter (a later graph, or quantize_ before compile)
+        layout = LAYOUT_IN_OUT if value.transposed else LAYOUT_OUT_IN
+        annotation = GWQAnnotation(quant.name_of(value) or str(site.weight.target), value, layout)
+    else:
+        layer = quant.lookup(value)
+        if layer is None:
+            return None
+        annotation = GWQAnnotation(layer.name, layer.weight, layer.layout)
+    if annotation.layout != site.layout or annotation.weight.linear_shape != (site.out_features, site.in_features):
+        return None  # the weight is read in another orientation than it was calibrated in
     if _dtype_changes(site):
-        return "linear_skipped"  # e.g. autocast: gwq.linear returns the input's dtype
-    return None
+        return None  # e.g. autocast: gwq.linear returns the input's dtype
+    return annotation
 
 
 def _dtype_changes(site: LinearSite) -> bool:
@@ -162,12 +171,13 @@ def annotate_linears(
     annotated = []
     for site in sites:
         value = input_value(gm, site.weight, example_inputs)
-        reason = _skip(site, value, quant)
-        if reason is not None:
-            counters["gwq"][reason] += 1
+        annotation = _annotation(site, value, quant)
+        if annotation is None:
+            counters["gwq"]["linear_skipped"] += 1
             continue
-        layer = quant.lookup(value)
-        site.node.meta[META_KEY] = GWQAnnotation(layer.name, layer.weight, layer.layout)
+        if isinstance(value, GWQTensor):
+            counters["gwq"]["linear_prequantized"] += 1
+        site.node.meta[META_KEY] = annotation
         annotated.append(site)
     counters["gwq"]["linear_annotated"] += len(annotated)
     return annotated

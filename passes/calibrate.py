@@ -141,6 +141,10 @@ class ModelQuantization:
         layer = self.layers.get(id(tensor))
         return layer if layer is not None and layer.dense() is tensor else None
 
+    def name_of(self, weight: Any) -> Optional[str]:
+        """The name of the layer whose quantized weight is ``weight`` (by identity), or None."""
+        return next((layer.name for layer in self.layers.values() if layer.weight is weight), None)
+
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers.values()]
 

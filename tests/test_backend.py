@@ -238,7 +238,10 @@ def test_recompiles_reuse_weights_and_never_recalibrate(tiny) -> None:
     assert d.get("layers_calibrated", 0) == 0
     assert unique_graphs() - graphs_before <= 3  # static shape once, then dynamic batch / seq
     assert all(getattr(model, n).weight is w for n, w in weights.items())
-    assert d.get("linear_prequantized", 0) == 3 * d.get("graphs_compiled", 0)  # recompiles read the GWQ weights
+    assert d.get("graphs_compiled", 0) >= 1
+    # recompiles read the GWQ weights, and annotate/rewrite still turn each of them into the explicit op
+    assert d.get("linear_prequantized", 0) == 3 * d["graphs_compiled"]
+    assert d.get("linear_rewritten", 0) == 3 * d["graphs_compiled"]
 
 
 # ----------------------------------------------------------------------------- graph breaks, several models
@@ -253,12 +256,33 @@ def test_graph_break_uses_whole_model_gradients() -> None:
     with torch.no_grad():
         out = compiled(ids)
     assert unique_graphs() - graphs_before >= 2, "the model was meant to break the graph"
-    assert delta(before)["calibrations"] == 1
+    d = delta(before)
+    assert d["calibrations"] == 1
     assert all(isinstance(getattr(model, n).weight, GWQTensor) for n in ("up", "down", "proj_out"))
+    # the graph after the break reads proj_out quantized already; it is rewritten all the same
+    assert d["linear_prequantized"] >= 1 and d["linear_rewritten"] == 3
     eager = eager_gwq(fp, ids)
     assert_masks_equal(gwq_masks(model), gwq_masks(eager))
     with torch.no_grad():
         assert_within_10_percent(out, eager(ids), fp(ids))
+
+
+def test_model_quantized_before_compile_is_rewritten_without_recalibrating() -> None:
+    fp = TinyLM(seed=3)
+    ids = token_ids(2, 16, seed=7)
+    model = eager_gwq(fp, ids)
+    weights = {n: getattr(model, n).weight for n in ("up", "down", "proj_out")}
+    reference = copy.deepcopy(model)
+    before = counts()
+    compiled = torch.compile(model, backend="gwq", options={**CFG, "calibration_data": ids})
+    with torch.no_grad():
+        out = compiled(ids)
+        expected = reference(ids)
+    d = delta(before)
+    assert d.get("layers_calibrated", 0) == 0
+    assert d["linear_prequantized"] == d["linear_rewritten"] == 3  # the explicit op on the existing packed weights
+    assert all(getattr(model, n).weight is w for n, w in weights.items())
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 def test_two_models_with_plain_tensor_options() -> None:
@@ -569,6 +593,7 @@ def test_llama_new_sequence_length_recompiles_without_recalibrating(llama_fullgr
     assert unique_graphs() - graphs_before == 1
     assert d.get("calibrations", 0) == 0
     assert d["linear_prequantized"] == 7
+    assert d["linear_rewritten"] == 7  # the new graph gets the explicit op too, not the subclass's dispatch
 
 
 def test_qwen2_fullgraph_matches_eager() -> None:
