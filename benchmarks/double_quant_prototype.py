@@ -64,10 +64,15 @@ for mod in list(sys.modules.values()):
         mod.compute_group_qparams = cgq
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="+", help="SCALES:bits:group:ratio[:bits_budget], e.g. p8:4:32:0.005")
+    specs = parser.parse_args().specs
     model, tok = load_causal_lm(None, torch.float32)
     val = data.tokenize(tok, data.wikitext2_text("validation"))
     calib = data.calibration_tokens(tok, "wikitext2", 1, 2048, seed=0)
-    for spec in sys.argv[1:]:
+    for spec in specs:
         sb, bits, g, r, *rest = spec.split(":")
         POW2 = sb.startswith("p")
         SCALE_BITS = None if sb == "fp16" else int(sb.lstrip("p"))
