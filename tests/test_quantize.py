@@ -1,4 +1,4 @@
-"""quantize_ / GWQConfig on tiny random Llamas: calibration, selection, restore, errors."""
+"""quantize_ / GWQConfig on tiny random Llamas: calibration, convert, the torchao path, restore, errors (which weights are chosen: test_selection.py)."""
 
 from __future__ import annotations
 
@@ -46,99 +46,11 @@ def _layer_inputs(model, token_ids) -> dict[str, torch.Tensor]:
     return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).float() for name, xs in inputs.items()}
 
 
-def _grads(model, batches, kind="grad"):
-    """Reference saliency computed by hand: per-sample gradients of the next-token loss."""
-    model = copy.deepcopy(model)
-    sal = {}
-    for ids in batches:
-        model.zero_grad()
-        next_token_nll(logits_of(model(ids)), ids).backward()
-        for n, m in _linears(model).items():
-            g = m.weight.grad.float()
-            term = {"grad": g.abs(), "fisher": g.square(), "grad_weight": (g * m.weight.detach()).abs()}[kind]
-            sal[n] = sal.get(n, 0) + term
-    return sal
-
-
 def test_one_shot_quantizes_every_linear_but_lm_head(llama, token_ids) -> None:
     quantize_(llama, GWQConfig(**CFG), calibration_data=token_ids[:1])
     for name, mod in _linears(llama).items():
         assert isinstance(mod.weight, GWQTensor) == (name != "lm_head"), name
     assert llama.lm_head.weight is llama.model.embed_tokens.weight  # tie kept
-
-
-@pytest.mark.parametrize("scope", ["layer", "row"])
-def test_outlier_fraction_equals_ratio(llama, token_ids, scope) -> None:
-    ratio = 0.03
-    quantize_(llama, GWQConfig(**{**CFG, "outlier_ratio": ratio, "outlier_scope": scope}), calibration_data=token_ids[:1])
-    for name, mod in _linears(llama).items():
-        if name == "lm_head":
-            continue
-        w = mod.weight
-        n, k = w.shape
-        if scope == "layer":
-            assert w.num_outliers == round(ratio * n * k), name
-        else:
-            per_row = w.outlier_row_ptr.diff()
-            assert (per_row == round(ratio * k)).all(), name
-
-
-@pytest.mark.parametrize("kind", ["grad", "fisher", "grad_weight"])
-def test_masks_are_the_top_saliency_weights(llama, token_ids, kind) -> None:
-    batches = [token_ids[:1], token_ids[1:]]
-    expected = _grads(llama, batches, kind)
-    quantize_(llama, GWQConfig(**{**CFG, "saliency": kind, "outlier_scope": "layer"}), calibration_data=batches)
-    for name, mod in _linears(llama).items():
-        if name == "lm_head":
-            continue
-        mask = mod.weight.outlier_mask()
-        sal = expected[name]
-        # every chosen weight is at least as salient as every weight left out (ties aside)
-        assert sal[mask].min() >= sal[~mask].max() * (1 - 1e-4), name
-
-
-def test_model_scope_ranks_all_layers_together(llama, token_ids) -> None:
-    ratio = 0.02
-    expected = _grads(llama, [token_ids[:1]], "grad")
-    quantize_(llama, GWQConfig(**{**CFG, "outlier_ratio": ratio, "saliency": "grad", "outlier_scope": "model"}), calibration_data=token_ids[:1])
-    layers = {n: m.weight for n, m in _linears(llama).items() if n != "lm_head"}
-    counts = [w.num_outliers for w in layers.values()]
-    assert sum(counts) == round(ratio * sum(w.numel() for w in layers.values()))
-    assert len(set(counts)) > 1  # not the same share everywhere: sensitive layers get more
-    chosen = torch.cat([expected[n][w.outlier_mask()] for n, w in layers.items()])
-    left_out = torch.cat([expected[n][~w.outlier_mask()] for n, w in layers.items()])
-    assert chosen.min() >= left_out.max() * (1 - 1e-4)
-
-
-def test_grad_error_scores_gradient_times_squared_rounding_error(llama, token_ids) -> None:
-    from gwq_compile import packing
-
-    dense = {n: m.weight.detach().clone() for n, m in _linears(llama).items()}
-    grads = _grads(llama, [token_ids[:1]], "grad")
-    cfg = GWQConfig(**{**CFG, "saliency": "grad_error", "outlier_scope": "layer", "clip_search": False})
-    quantize_(llama, cfg, calibration_data=token_ids[:1])
-    for name, mod in _linears(llama).items():
-        if name == "lm_head":
-            continue
-        rtn = packing.dequantize_weight(packing.quantize_weight(dense[name], None, cfg.bits, cfg.group_size))
-        score = grads[name] * (dense[name] - rtn).square()
-        mask = mod.weight.outlier_mask()
-        assert mask.sum() == round(cfg.outlier_ratio * mask.numel()), name
-        assert score[mask].min() >= score[~mask].max() * (1 - 1e-4), name
-
-
-def test_grad_error_spends_no_outlier_on_a_weight_already_on_the_grid() -> None:
-    from gwq_compile import calibration
-    from gwq_compile.selection import layer_saliency, select_outliers
-
-    weight = torch.arange(16.0).repeat(2, 2) / 16  # every weight sits on its group's 4-bit grid (scale 1/16, exact in fp16) ...
-    weight[1, 5] += 0.02  # ... but one
-    grad = torch.ones_like(weight)
-    grad[0, 3] = 1e6  # the most sensitive weight rounds exactly: keeping it in fp16 gains nothing
-    state = calibration.LayerCalibration(name="toy", saliency_kind="grad_error", saliency_sum=grad, n_backward=1)
-    cfg = GWQConfig(bits=4, group_size=16, saliency="grad_error", outlier_scope="layer", clip_search=False)
-    mask = select_outliers(layer_saliency(weight, state, cfg), 1 / 64, "layer")
-    assert mask.nonzero().tolist() == [[1, 5]]
 
 
 def test_quantized_forward_equals_dense_dequantized_forward(llama, token_ids, monkeypatch) -> None:

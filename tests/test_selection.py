@@ -1,4 +1,6 @@
-"""GWQConfig.bits_budget: per-layer code widths chosen by the gradient saliency (tiny random models)."""
+"""Saliency and selection (gwq_compile/selection.py) on tiny random models: which weights become
+outliers (per layer, per row, ranked over the model, grad_error scores), and GWQConfig.bits_budget's
+per-layer code widths chosen by the same saliency."""
 
 from __future__ import annotations
 
@@ -7,12 +9,32 @@ import copy
 import pytest
 import torch
 
-from gwq_compile import GWQConfig, GWQTensor, calibration, load_quantized, quantization_report, quantize_, save_quantized
+from gwq_compile import GWQConfig, GWQTensor, calibration, load_quantized, packing, quantization_report, quantize_, save_quantized
+from gwq_compile.calibration import logits_of, next_token_nll
 from gwq_compile.config import mixed_bits_choices
-from gwq_compile.selection import allocate_layer_bits, ranking_entries, rounding_error
+from gwq_compile.selection import allocate_layer_bits, layer_saliency, ranking_entries, rounding_error, select_outliers
 from tests.conftest import tiny_llama
 
 CFG = dict(bits=4, group_size=32, outlier_ratio=0.01, progress=False)
+SELECT_CFG = dict(bits=3, group_size=64, outlier_ratio=0.02, progress=False)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _grads(model, batches, kind="grad"):
+    """Reference saliency computed by hand: per-sample gradients of the next-token loss."""
+    model = copy.deepcopy(model)
+    sal = {}
+    for ids in batches:
+        model.zero_grad()
+        next_token_nll(logits_of(model(ids)), ids).backward()
+        for n, m in _linears(model).items():
+            g = m.weight.grad.float()
+            term = {"grad": g.abs(), "fisher": g.square(), "grad_weight": (g * m.weight.detach()).abs()}[kind]
+            sal[n] = sal.get(n, 0) + term
+    return sal
 
 
 def _widths(model) -> dict[str, int]:
@@ -22,6 +44,81 @@ def _widths(model) -> dict[str, int]:
 def _mean_width(model) -> float:
     layers = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and isinstance(m.weight, GWQTensor)]
     return sum(w.bits * w.shape.numel() for w in layers) / sum(w.shape.numel() for w in layers)
+
+
+# ----------------------------------------------------------------------------- outlier masks
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_outlier_fraction_equals_ratio(llama, token_ids, scope) -> None:
+    ratio = 0.03
+    quantize_(llama, GWQConfig(**{**SELECT_CFG, "outlier_ratio": ratio, "outlier_scope": scope}), calibration_data=token_ids[:1])
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        w = mod.weight
+        n, k = w.shape
+        if scope == "layer":
+            assert w.num_outliers == round(ratio * n * k), name
+        else:
+            per_row = w.outlier_row_ptr.diff()
+            assert (per_row == round(ratio * k)).all(), name
+
+
+@pytest.mark.parametrize("kind", ["grad", "fisher", "grad_weight"])
+def test_masks_are_the_top_saliency_weights(llama, token_ids, kind) -> None:
+    batches = [token_ids[:1], token_ids[1:]]
+    expected = _grads(llama, batches, kind)
+    quantize_(llama, GWQConfig(**{**SELECT_CFG, "saliency": kind, "outlier_scope": "layer"}), calibration_data=batches)
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        mask = mod.weight.outlier_mask()
+        sal = expected[name]
+        # every chosen weight is at least as salient as every weight left out (ties aside)
+        assert sal[mask].min() >= sal[~mask].max() * (1 - 1e-4), name
+
+
+def test_model_scope_ranks_all_layers_together(llama, token_ids) -> None:
+    ratio = 0.02
+    expected = _grads(llama, [token_ids[:1]], "grad")
+    quantize_(llama, GWQConfig(**{**SELECT_CFG, "outlier_ratio": ratio, "saliency": "grad", "outlier_scope": "model"}), calibration_data=token_ids[:1])
+    layers = {n: m.weight for n, m in _linears(llama).items() if n != "lm_head"}
+    counts = [w.num_outliers for w in layers.values()]
+    assert sum(counts) == round(ratio * sum(w.numel() for w in layers.values()))
+    assert len(set(counts)) > 1  # not the same share everywhere: sensitive layers get more
+    chosen = torch.cat([expected[n][w.outlier_mask()] for n, w in layers.items()])
+    left_out = torch.cat([expected[n][~w.outlier_mask()] for n, w in layers.items()])
+    assert chosen.min() >= left_out.max() * (1 - 1e-4)
+
+
+def test_grad_error_scores_gradient_times_squared_rounding_error(llama, token_ids) -> None:
+    dense = {n: m.weight.detach().clone() for n, m in _linears(llama).items()}
+    grads = _grads(llama, [token_ids[:1]], "grad")
+    cfg = GWQConfig(**{**SELECT_CFG, "saliency": "grad_error", "outlier_scope": "layer", "clip_search": False})
+    quantize_(llama, cfg, calibration_data=token_ids[:1])
+    for name, mod in _linears(llama).items():
+        if name == "lm_head":
+            continue
+        rtn = packing.dequantize_weight(packing.quantize_weight(dense[name], None, cfg.bits, cfg.group_size))
+        score = grads[name] * (dense[name] - rtn).square()
+        mask = mod.weight.outlier_mask()
+        assert mask.sum() == round(cfg.outlier_ratio * mask.numel()), name
+        assert score[mask].min() >= score[~mask].max() * (1 - 1e-4), name
+
+
+def test_grad_error_spends_no_outlier_on_a_weight_already_on_the_grid() -> None:
+    weight = torch.arange(16.0).repeat(2, 2) / 16  # every weight sits on its group's 4-bit grid (scale 1/16, exact in fp16) ...
+    weight[1, 5] += 0.02  # ... but one
+    grad = torch.ones_like(weight)
+    grad[0, 3] = 1e6  # the most sensitive weight rounds exactly: keeping it in fp16 gains nothing
+    state = calibration.LayerCalibration(name="toy", saliency_kind="grad_error", saliency_sum=grad, n_backward=1)
+    cfg = GWQConfig(bits=4, group_size=16, saliency="grad_error", outlier_scope="layer", clip_search=False)
+    mask = select_outliers(layer_saliency(weight, state, cfg), 1 / 64, "layer")
+    assert mask.nonzero().tolist() == [[1, 5]]
+
+
+# ----------------------------------------------------------------------------- bits_budget: per-layer widths
 
 
 @pytest.mark.parametrize("budget", [3.0, 3.3, 3.6, 4.5])
