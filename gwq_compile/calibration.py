@@ -62,7 +62,6 @@ class LayerCalibration:
     n_backward: int = 0
     hessian: torch.Tensor | None = None  # fp32 [K, K]
     input_sq: torch.Tensor | None = None  # fp32 [K]: sum over tokens of x_j^2
-    n_tokens: int = 0
     handles: list = field(default_factory=list)
     saved_requires_grad: bool = False
     saved_grad: torch.Tensor | None = None
@@ -172,7 +171,6 @@ def prepare_weight(module: torch.nn.Module, name: str, config: GWQConfig) -> Lay
             if lean_backward.hooks_paused():  # a checkpointed layer's recomputation: already recorded
                 return
             state.hessian = gptq.add_input_gram(state.hessian, args[0])
-            state.n_tokens += args[0].numel() // args[0].shape[-1]
 
         state.handles.append(module.register_forward_pre_hook(_hessian))
 

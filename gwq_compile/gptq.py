@@ -5,9 +5,10 @@
   damped inverse Hessian, column blocks with lazy batch updates, optional act-order.
 * :func:`hessian_saliency`: the OBS saliency ``w^2 / [H^-1]_jj`` used to pick outliers
   "by the Hessian" (SpQR-style) instead of by the gradient.
-* :func:`collect_hessians`: ``H`` of named ``nn.Linear`` inputs via forward hooks, one
-  pass over the calibration batches through the model as it is (not sequential; the
-  sequential, layer-by-layer driver is :func:`gwq_tools.peers.gptq_quantize_model`).
+* :func:`add_input_gram`: the one formula of ``H``, accumulated by the calibration stage's
+  forward hook (:func:`gwq_compile.calibration.prepare_weight`) for GWQ's own
+  ``compensation="gptq"`` and ``saliency="hessian"``; the GPTQ peer's hooks
+  (:mod:`gwq_tools.hessians`) call it too.
 
 Group grids.  Without act-order the grid of a group (scale and zero, from
 :func:`grid.compute_group_qparams`) is computed when GPTQ reaches the group's first
@@ -37,13 +38,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
 
 import torch
 
 from gwq_compile import grid, packing
 
-__all__ = ["add_input_gram", "collect_hessians", "damped_inverse_hessian", "gptq_quantize_weight", "hessian_saliency", "record_input_grams"]
+__all__ = ["add_input_gram", "damped_inverse_hessian", "gptq_quantize_weight", "hessian_saliency"]
 
 
 def _check_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> None:
@@ -277,66 +277,3 @@ def add_input_gram(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     linear's input ``x`` (any leading dims): the one place a GPTQ Hessian is accumulated."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
     return x.T @ x if total is None else total.addmm_(x.T, x)
-
-
-def record_input_grams(modules: dict[str, torch.nn.Module], grams: dict[str, torch.Tensor]) -> list:
-    """Forward pre-hooks that add each named module's input gram into ``grams[name]``; returns
-    their handles (the caller removes them).  Modules fed the same tensor (q/k/v, gate/up) share
-    one product per forward."""
-    last: list = [None, None]  # (input tensor, its gram)
-
-    def make_hook(name: str):
-        def hook(module: torch.nn.Module, args: tuple) -> None:
-            if args[0] is not last[0]:
-                last[0], last[1] = args[0], add_input_gram(None, args[0])
-            grams[name] = grams[name].add_(last[1]) if name in grams else last[1].clone()
-
-        return hook
-
-    return [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
-
-
-def collect_hessians(
-    model: torch.nn.Module,
-    module_names: Sequence[str],
-    batches: torch.Tensor | Iterable[torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """``{name: sum_t x_t x_t^T}`` (fp32 ``[K, K]``) of the inputs of the named ``nn.Linear`` modules.
-
-    One forward pass per batch through ``model`` as it is (hooks on the linears' inputs);
-    ``batches`` is a LongTensor ``[n, seq]`` (one row per pass) or an iterable of
-    ``[b, seq]`` token tensors.  Token positions are summed over all samples.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-        >>> m = LlamaForCausalLM(cfg).eval()
-        >>> hs = collect_hessians(m, ["model.layers.0.mlp.down_proj"], torch.randint(0, 256, (2, 16)))
-        >>> hs["model.layers.0.mlp.down_proj"].shape
-        torch.Size([128, 128])
-    """
-    modules = dict(model.named_modules())
-    missing = [name for name in module_names if name not in modules]
-    if missing:
-        raise KeyError(f"no such modules in the model: {missing}")
-    not_linear = [name for name in module_names if not isinstance(modules[name], torch.nn.Linear)]
-    if not_linear:
-        raise TypeError(f"collect_hessians needs nn.Linear modules, got other types for: {not_linear}")
-
-    hessians: dict[str, torch.Tensor] = {}
-    handles = record_input_grams({name: modules[name] for name in module_names}, hessians)
-    device = next(model.parameters()).device
-    if isinstance(batches, torch.Tensor):
-        if batches.dim() != 2:
-            raise ValueError(f"batches must be a [n, seq] LongTensor, got shape {tuple(batches.shape)}")
-        batches = batches.split(1)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians

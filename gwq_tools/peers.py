@@ -42,6 +42,7 @@ from torch import nn
 
 from gwq_compile import gptq, packing
 from gwq_tools import awq
+from gwq_tools.hessians import collect_hessians, record_input_grams
 from gwq_compile.quantize import GWQConfig
 from gwq_compile.targets import target_modules
 from gwq_compile.report import layer_report
@@ -287,13 +288,13 @@ def gptq_quantize_model(
     names = quantizable_linear_names(model)
     modules = dict(model.named_modules())
     if not sequential:
-        _gptq_linears(modules, gptq.collect_hessians(model, names, calibration_data), opts)
+        _gptq_linears(modules, collect_hessians(model, names, calibration_data), opts)
         return model
     states, kwargs = capture_layer_inputs(model, calibration_data)
     for layer in decoder_layers(model):
         local = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
         hessians: dict[str, torch.Tensor] = {}
-        handles = gptq.record_input_grams({n: layer.get_submodule(n) for n in local}, hessians)
+        handles = record_input_grams({n: layer.get_submodule(n) for n in local}, hessians)
         try:
             _run_layer(layer, states, kwargs)
         finally:
@@ -304,7 +305,7 @@ def gptq_quantize_model(
     # Linears outside the decoder layers (rare), from a pass through the now quantized model.
     rest = [n for n in names if not isinstance(modules[n].weight, GWQTensor)]
     if rest:
-        _gptq_linears(modules, gptq.collect_hessians(model, rest, calibration_data), opts)
+        _gptq_linears(modules, collect_hessians(model, rest, calibration_data), opts)
     return model
 
 

@@ -9,6 +9,7 @@ import torch
 
 from gwq_compile import gptq, packing
 from gwq_tools import awq, peers
+from gwq_tools.hessians import collect_hessians
 from gwq_compile.tensor import GWQTensor
 
 transformers = pytest.importorskip("transformers")
@@ -124,12 +125,12 @@ def test_collect_hessians_matches_inputs() -> None:
     name = "model.layers.1.mlp.down_proj"
     seen = []
     handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-    hs = gptq.collect_hessians(model, [name], calib)
+    hs = collect_hessians(model, [name], calib)
     handle.remove()
     x = torch.cat(seen)
     assert torch.allclose(hs[name], x.T @ x, rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="no such modules"):
-        gptq.collect_hessians(model, ["model.nope"], calib)
+        collect_hessians(model, ["model.nope"], calib)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
