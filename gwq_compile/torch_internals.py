@@ -34,8 +34,6 @@ __all__ = ["DYNAMO_ATTRIBUTES", "INTERNALS", "MissingTorchInternal", "resolve"]
 
 #: Importable private names: dotted path -> what gwq-compile uses it for.
 INTERNALS: dict[str, str] = {
-    "torch.compiler._is_compiling_flag": "cleared while calibration runs the model eagerly inside the backend "
-    "(torch >= 2.13 keeps is_compiling() True for the whole compile session, and models branch on it)",
     "torch._dynamo.eval_frame.OptimizedModule": "what torch.compile(model) returns; its _orig_mod is the model to calibrate",
     "torch._dynamo.eval_frame.cached_backends": "the backend wrappers of the torch.compile calls made so far, whose "
     "calibration tensors are wrapped so that recompile checks compare them by identity",
@@ -104,20 +102,6 @@ def attribute(obj: Any, attr: str, name: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- calibrating inside the backend
-
-
-@contextlib.contextmanager
-def not_compiling() -> Iterator[None]:
-    """``torch.compiler.is_compiling()`` False while calibration runs the model: models (HF
-    among them) take other code paths while it is True, and calibration must run the model
-    exactly as eager ``quantize_`` does."""
-    resolve("torch.compiler._is_compiling_flag")
-    flag = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = False
-    try:
-        yield
-    finally:
-        torch.compiler._is_compiling_flag = flag
 
 
 @contextlib.contextmanager

@@ -175,9 +175,13 @@ def eager_context() -> Iterator[None]:
     """Run real eager PyTorch from inside a Dynamo backend call.
 
     No fake mode, no tracing context, gradients allowed (even if the compiled model was
-    called under ``no_grad`` or ``inference_mode``), and ``is_compiling()`` False.
+    called under ``no_grad`` or ``inference_mode``).  ``torch.compiler.is_compiling()`` stays
+    what torch says (True for the whole compile session since torch 2.13): a model that
+    branches on it runs its compile-time branch, which computes the function being compiled,
+    so calibration sees the model that will run.  No compiler flag is rebound; on SmolLM2 and
+    the tests' tiny Llama, Qwen2 and GPT-2 the masks and weights equal eager ``quantize_``'s.
     """
-    with torch_internals.outside_tracing(), torch.inference_mode(False), torch_internals.not_compiling():
+    with torch_internals.outside_tracing(), torch.inference_mode(False):
         yield
 
 

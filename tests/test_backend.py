@@ -330,6 +330,29 @@ def test_compiled_function_needs_the_model(monkeypatch) -> None:
         assert_within_10_percent(out, eager_gwq(fp, ids)(ids), fp(ids))
 
 
+def test_calibration_runs_without_rebinding_the_compiler_flag(monkeypatch) -> None:
+    """The backend calibrates with torch.compiler.is_compiling() as torch reports it (True for the
+    whole compile session): no compiler flag is rebound, and the masks still equal eager GWQ's."""
+    from gwq_compile import calibration
+
+    seen = []
+    run = calibration.run_calibration
+
+    def recording(*args, **kwargs):
+        seen.append(torch.compiler.is_compiling())
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "run_calibration", recording)
+    fp = TinyLM(seed=4)
+    model = copy.deepcopy(fp)
+    ids = token_ids(2, 16, seed=8)
+    with torch.no_grad():
+        torch.compile(model, backend="gwq", options={**CFG, "calibration_data": ids})(ids)
+    assert seen == [True]
+    monkeypatch.setattr(calibration, "run_calibration", run)
+    assert_masks_equal(gwq_masks(model), gwq_masks(eager_gwq(fp, ids)))
+
+
 def test_weight_read_outside_a_linear_stays_dense(monkeypatch) -> None:
     monkeypatch.setenv("GWQ_KERNEL", "reference")  # exact comparison below (the CPU fast path computes in bf16)
 

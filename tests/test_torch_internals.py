@@ -15,15 +15,14 @@ from gwq_compile.torch_internals import DYNAMO_ATTRIBUTES, INTERNALS, MissingTor
 @pytest.mark.parametrize("name", sorted(INTERNALS))
 def test_every_listed_internal_exists_in_this_torch(name) -> None:
     torch_internals.resolve.cache_clear()
-    assert torch_internals.resolve(name) is not None or name.endswith("_is_compiling_flag")
+    assert torch_internals.resolve(name) is not None
 
 
 def test_a_missing_internal_names_itself_and_the_torch_version(monkeypatch) -> None:
     torch_internals.resolve.cache_clear()
-    monkeypatch.delattr(torch.compiler, "_is_compiling_flag")
-    with pytest.raises(MissingTorchInternal, match=rf"torch\.compiler\._is_compiling_flag.*{re.escape(torch.__version__)}"):
-        with torch_internals.not_compiling():
-            pass
+    monkeypatch.delattr(torch._dynamo.eval_frame, "cached_backends")
+    with pytest.raises(MissingTorchInternal, match=rf"torch\._dynamo\.eval_frame\.cached_backends.*{re.escape(torch.__version__)}"):
+        torch_internals.pending_compile_options(object())
     torch_internals.resolve.cache_clear()
 
 
