@@ -39,8 +39,6 @@ inline bool supported() {
   return ok;
 }
 
-GWQ_TARGET_AVX512_BF16 inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
-
 // Row of output lane e (0..15) of accumulator i (nibble position 0..3) after the lane halves
 // are folded (see the module comment): lanes 0-7 come from the low word interleave, 8-15
 // from the high one.
@@ -154,6 +152,25 @@ inline void dequant_column_bf16(const uint8_t* __restrict__ bytes, const float* 
       v[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16)), _mm512_loadu_ps(scale + r), _mm512_loadu_ps(offset + r));
     }
     _mm512_storeu_si512(out + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+  }
+}
+
+// prod[j] = half(val[j]) * x[col[j]] for j < count: one block's CSR outliers times x, sixteen
+// at a time (a gather from x; the tail masked).  The caller sums them per row.
+template <typename index_t>
+GWQ_TARGET_AVX512_BF16 inline void outlier_products(
+    const uint16_t* __restrict__ val, const index_t* __restrict__ col, const float* __restrict__ x, int64_t count, float* __restrict__ prod) {
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = count - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (count - j)) - 1);
+    __m512i idx;
+    if constexpr (sizeof(index_t) == 2) {
+      idx = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, col + j));
+    } else {
+      idx = _mm512_maskz_loadu_epi32(m, col + j);
+    }
+    const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, x, 4);
+    const __m512 v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, val + j));
+    _mm512_mask_storeu_ps(prod + j, m, _mm512_mul_ps(v, xv));
   }
 }
 
