@@ -10,7 +10,12 @@ machine's load hits all of them alike; the tables give medians over the rounds.
   (32 tokens), so the prompt's prefill cancels out;
 * prefill = one forward over 512 tokens with ``logits_to_keep=1`` (what ``generate`` runs);
 * ``--compile``: the same decode with a static cache and ``torch.compile(model.forward)``
-  (Inductor, CPU), compile time excluded (two warm-up generations);
+  (Inductor, CPU), compile time excluded (two warm-up generations); ``--module-guards keep
+  skip`` compiles each variant twice, with and without Dynamo's per-call guards on the
+  model's parameters (see GUARD_FILTERS).  All variants compile the same code object (the
+  model class's forward), so each compiled call also checks the other variants' cache
+  entries: these rows run slower than one compiled model alone
+  (``benchmarks/cpu_decode_compiled.py`` measures that);
 * ``--ppl-windows N``: each GWQ variant's WikiText-2 test perplexity (N windows of 512) on
   the fast path and on the plain-PyTorch reference path (``GWQ_KERNEL=reference``); these
   full-window forwards run the prefill path;
@@ -91,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-variants", nargs="+", default=["fp32", "bf16", "gwq_w4_bf16", "gwq_w4_head8_bf16", "gwq_w3_bf16"], choices=list(VARIANTS),
         help="the variants measured compiled (each compile takes minutes on 2 cores)",
     )
+    p.add_argument("--module-guards", nargs="+", choices=list(GUARD_FILTERS), default=["keep"], help="compiled decode: keep and/or skip Dynamo's per-call guards on the model's parameters (each its own compiled copy)")
     p.add_argument("--ppl-windows", type=int, default=0, help="fast vs reference perplexity on N WikiText-2 test windows of 512")
     p.add_argument("--decode-ppl-tokens", type=int, default=0, help="decode-path (M = 1) vs reference perplexity on one window of N tokens")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -134,9 +140,18 @@ def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
         return time.perf_counter() - t
 
 
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
+#: ``--module-guards skip``: the compiled frame does not re-check the model's parameters and
+#: buffers on every call (``torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe``, safe for
+#: inference on a model whose parameters are not replaced).  Dynamo otherwise guards every
+#: parameter's metadata per call: with GWQ's 211 subclass weights that cache lookup took
+#: 4.4 ms of a ~30 ms decode step here (torch.profiler), 0.8 ms with the filter.
+GUARD_FILTERS = {"keep": None, "skip": "skip_guard_on_inbuilt_nn_modules_unsafe"}
+
+
+def compiled(model: torch.nn.Module, module_guards: str = "keep") -> torch.nn.Module:
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, fullgraph=True)
+    options = {} if GUARD_FILTERS[module_guards] is None else {"guard_filter_fn": getattr(torch.compiler, GUARD_FILTERS[module_guards])}
+    model.forward = torch.compile(model.forward, fullgraph=True, options=options)
     return model
 
 
@@ -243,19 +258,22 @@ def main(argv: list[str] | None = None) -> None:
         # Every variant compiles the same code object (the model class's forward), and each
         # adds its own guarded entries (prefill and decode shapes): dynamo's default limit of
         # 8 per code object is reached by the fourth variant.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.compile_variants))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.compile_variants) * len(args.module_guards))
+        runs = {}  # "variant@guards" -> its compiled model (a copy per guard mode)
         for name in [n for n in args.compile_variants if n in models]:
-            t0 = time.perf_counter()
-            model = compiled(models[name])
-            for _ in range(2):  # the static cache's length follows max_new_tokens: warm up the measured lengths
-                decode_tokens_per_s(model, prompt, args.new_tokens)
-            info[name]["compile_s"] = time.perf_counter() - t0
-            models[name] = model
-            print(f"compiled {name} in {info[name]['compile_s']:.0f}s", flush=True)
-        compiled_decode = {n: [] for n in args.compile_variants if n in models}
+            for guards in args.module_guards:
+                t0 = time.perf_counter()
+                model = compiled(copy.deepcopy(models[name]), guards)
+                for _ in range(2):  # the static cache's length follows max_new_tokens: warm up the measured lengths
+                    decode_tokens_per_s(model, prompt, args.new_tokens)
+                key = f"{name}@{guards}"
+                info[name][f"compile_s@{guards}"] = time.perf_counter() - t0
+                runs[key] = model
+                print(f"compiled {key} in {info[name][f'compile_s@{guards}']:.0f}s", flush=True)
+        compiled_decode = {key: [] for key in runs}
         for r in range(args.repeats):
-            for name in compiled_decode:
-                compiled_decode[name].append(decode_tokens_per_s(models[name], prompt, args.new_tokens))
+            for key in compiled_decode:
+                compiled_decode[key].append(decode_tokens_per_s(runs[key], prompt, args.new_tokens))
             print(f"compiled round {r + 1}: " + ", ".join(f"{n} {compiled_decode[n][-1]:.1f}" for n in compiled_decode), flush=True)
 
     write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decode_ppl, load_before)
@@ -313,10 +331,13 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decod
             lines.append(f"| {LABELS[n]} | {s / 2**20:.1f} | {r / 2**20:.1f} | {r / s:.2f}x |")
     if compiled_decode:
         cmed = {n: statistics.median(v) for n, v in compiled_decode.items()}
-        lines += ["", "Static cache + `torch.compile(model.forward, fullgraph=True)` (Inductor, CPU):", ""]
-        lines += ["| variant | decode tokens/s | vs FP32 eager | vs its eager | compile (s) |", "| --- | --- | --- | --- | --- |"]
-        for n, v in cmed.items():
-            lines.append(f"| {LABELS[n]} | {v:.1f} | {_ratio(v, fp32)} | {_ratio(v, med[n])} | {info[n]['compile_s']:.0f} |")
+        lines += ["", "Static cache + `torch.compile(model.forward, fullgraph=True)` (Inductor, CPU); module guards `skip`: with"
+                  ' `options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}` (no per-call check of the'
+                  " model's parameters: for inference on a model whose parameters are not replaced):", ""]
+        lines += ["| variant | module guards | decode tokens/s | vs FP32 eager | vs its eager | compile (s) |", "| --- | --- | --- | --- | --- | --- |"]
+        for key, v in cmed.items():
+            n, guards = key.split("@")
+            lines.append(f"| {LABELS[n]} | {guards} | {v:.1f} | {_ratio(v, fp32)} | {_ratio(v, med[n])} | {info[n][f'compile_s@{guards}']:.0f} |")
     if ppl:
         lines += ["", f"WikiText-2 test perplexity, {args.ppl_windows} windows of 512, fast path vs plain-PyTorch reference:", ""]
         lines += ["| variant | fast path | reference | difference |", "| --- | --- | --- | --- |"]
