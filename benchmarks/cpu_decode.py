@@ -144,14 +144,14 @@ def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
 #: buffers on every call (``torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe``, safe for
 #: inference on a model whose parameters are not replaced).  Dynamo otherwise guards every
 #: parameter's metadata per call: with GWQ's 211 subclass weights that cache lookup took
-#: 4.4 ms of a ~30 ms decode step here (torch.profiler), 0.8 ms with the filter.
-GUARD_FILTERS = {"keep": None, "skip": "skip_guard_on_inbuilt_nn_modules_unsafe"}
+#: 4.8 ms of a ~36 ms profiled decode step here, 1.0 ms with the filter (benchmarks/cpu_decode_profile.py).
+GUARD_FILTERS = {"keep": None, "skip": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
 
 
 def compiled(model: torch.nn.Module, module_guards: str = "keep") -> torch.nn.Module:
     model.generation_config.cache_implementation = "static"
-    options = {} if GUARD_FILTERS[module_guards] is None else {"guard_filter_fn": getattr(torch.compiler, GUARD_FILTERS[module_guards])}
-    model.forward = torch.compile(model.forward, fullgraph=True, options=options)
+    guard_filter = GUARD_FILTERS[module_guards]
+    model.forward = torch.compile(model.forward, fullgraph=True, options={} if guard_filter is None else {"guard_filter_fn": guard_filter})
     return model
 
 
@@ -331,9 +331,11 @@ def write_results(args, argv, info, decode, prefill, compiled_decode, ppl, decod
             lines.append(f"| {LABELS[n]} | {s / 2**20:.1f} | {r / 2**20:.1f} | {r / s:.2f}x |")
     if compiled_decode:
         cmed = {n: statistics.median(v) for n, v in compiled_decode.items()}
-        lines += ["", "Static cache + `torch.compile(model.forward, fullgraph=True)` (Inductor, CPU); module guards `skip`: with"
-                  ' `options={"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}` (no per-call check of the'
-                  " model's parameters: for inference on a model whose parameters are not replaced):", ""]
+        skip = "" if "skip" not in args.module_guards else (
+            f'; module guards `skip`: with `options={{"guard_filter_fn": torch.compiler.{GUARD_FILTERS["skip"].__name__}}}` (no per-call'
+            " check of the model's parameters: for inference on a model whose parameters are not replaced)"
+        )
+        lines += ["", f"Static cache + `torch.compile(model.forward, fullgraph=True)` (Inductor, CPU){skip}:", ""]
         lines += ["| variant | module guards | decode tokens/s | vs FP32 eager | vs its eager | compile (s) |", "| --- | --- | --- | --- | --- | --- |"]
         for key, v in cmed.items():
             n, guards = key.split("@")
